@@ -1,0 +1,111 @@
+"""The ``codiemb`` command. Each subcommand is a thin wrapper over a library function.
+
+Errors a user can cause (``UserError``) print one line on stderr and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from codiemb.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-5 (repeatable)")
+
+
+# --------------------------------------------------------------------------- config
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from codiemb.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(cfg.to_dict(), indent=2) if args.json else cfg.to_yaml(), end="" if not args.json else "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from codiemb.data.check import run_check
+
+    return run_check(
+        args.path,
+        task=args.task,
+        score_range=tuple(args.score_range) if args.score_range else None,
+        quarantine=args.quarantine,
+        max_errors=args.max_errors,
+    )
+
+
+# --------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from codiemb.evaluate.report import markdown_table
+    from codiemb.evaluate.suites import evaluate_model
+
+    results = evaluate_model(args.model, suite=args.suite, data_dir=args.data_dir,
+                             batch_size=args.batch_size, show_progress=not args.json)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(markdown_table(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codiemb", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("config", help="inspect a config")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    ps = csub.add_parser("show", help="print the resolved config (defaults filled, overrides applied)")
+    _config_args(ps)
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("data", help="inspect data files")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    pc = dsub.add_parser("check", help="validate a data file; print counts and the first errors")
+    pc.add_argument("path", help="JSONL/Parquet file, BEIR folder, or s3:// URI")
+    pc.add_argument("--task", choices=["sts", "retrieval"], required=True)
+    pc.add_argument("--score-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                    help="sts score range (default 0 5)")
+    pc.add_argument("--quarantine", metavar="FILE", help="write bad rows with their reason here (exit 0 if any valid row)")
+    pc.add_argument("--max-errors", type=int, default=20, help="errors to print")
+    pc.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("evaluate", help="score a model on a benchmark suite")
+    p.add_argument("model", help="model alias (minilm), a sentence-transformers folder, or models:/NAME@ALIAS")
+    p.add_argument("--suite", default="default", help="stsb, scifact, default (both), or dev")
+    p.add_argument("--data-dir", default=None, help="data folder (else $CODIEMB_DATA, ./data, ../shared/data)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    p.set_defaults(func=cmd_evaluate)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"codiemb: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("codiemb: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

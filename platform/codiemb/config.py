@@ -1,0 +1,318 @@
+"""One pydantic config tree for every command (DESIGN §4b).
+
+YAML in, unknown keys rejected with their dotted path, ``--set a.b=value`` overrides, and the
+resolved tree can be dumped back to YAML and logged with the run, so any result re-runs from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from codiemb.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- run / model
+class RunConfig(Strict):
+    name: str = "codiemb"
+    seed: int = 0
+
+
+class MaxLength(Strict):
+    query: int = 64
+    passage: int = 256
+    sts: int = 64
+
+
+class ModelConfig(Strict):
+    name: str = "minilm"  # alias, local folder, or (network permitting) hub id
+    pooling: Literal["mean", "cls", "last_token", "latent_attention"] | None = None  # None: the folder's own
+    normalize: bool = True
+    max_length: MaxLength = MaxLength()
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+# --------------------------------------------------------------------------- data
+class DatasetConfig(Strict):
+    name: str
+    task: Literal["sts", "retrieval"]
+    path: str  # relative paths resolve under data.root / the shared data folder; s3:// works
+    format: Literal["auto", "jsonl", "parquet", "beir"] = "auto"
+    score_range: tuple[float, float] | None = None  # sts: required range, e.g. [0, 5]
+    qrels: str = "train"  # beir folders: which qrels split yields training pairs
+    batch_size: int = Field(32, gt=0)
+    instruction: str | None = None
+    max_rows: int | None = None
+
+
+class RetrievalDevConfig(Strict):
+    beir: str
+    qrels: str = "dev"
+
+
+class DevConfig(Strict):
+    sts: str | None = None
+    retrieval: RetrievalDevConfig | None = None
+
+
+class DataConfig(Strict):
+    root: str | None = None  # data folder; default: $CODIEMB_DATA, ./data, ../shared/data
+    on_bad_rows: Literal["fail", "quarantine"] = "fail"
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    datasets: list[DatasetConfig] = []
+    dev: DevConfig | None = None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DataConfig":
+        names = [d.name for d in self.datasets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dataset names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+class SamplerConfig(Strict):
+    policy: Literal["proportional", "round_robin", "temperature"] = "proportional"
+    temperature: float = Field(1.0, gt=0)
+
+
+# --------------------------------------------------------------------------- losses
+class RetrievalLossConfig(Strict):
+    temperature: float = Field(0.02, gt=0)
+    positives: int = Field(1, ge=1)
+    negatives: int = Field(3, ge=0)
+    gather_across_workers: bool = True
+
+
+class StsLossConfig(Strict):
+    """Weights of the order-aware STS objectives (CoDiEmb: MidNCE 1, PRO 0.5, Pearson 2, RankKL 5)."""
+
+    cosent: float = 0.0
+    pearson: float = 2.0
+    rank_kl: float = 5.0
+    pro: float = 0.5
+    mid_nce: float = 1.0
+    cosent_scale: float = 20.0
+    rank_kl_temperature: float = 0.05
+    pro_temperature: float = 0.05
+    mid_nce_temperature: float = 0.05
+    mid_nce_threshold: float = 0.8  # on scores normalised to [0, 1] by the dataset's score_range
+    mid_nce_layer: int | None = None  # None: the middle layer
+
+
+class MatryoshkaConfig(Strict):
+    dims: list[int]
+    weights: list[float] | None = None
+    layers: bool = False  # 2D Matryoshka: also a random earlier layer each step
+    layer_kl_weight: float = 1.0
+
+
+class LossConfig(Strict):
+    retrieval: RetrievalLossConfig = RetrievalLossConfig()
+    sts: StsLossConfig = StsLossConfig()
+    matryoshka: MatryoshkaConfig | None = None
+    task_weights: dict[str, float] = {}  # optional per-task (sts/retrieval) multipliers
+
+
+# --------------------------------------------------------------------------- training / scaling
+class TrainConfig(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = None
+    lr: float = Field(3e-5, gt=0)
+    weight_decay: float = 0.01
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    grad_clip: float | None = 1.0
+    grad_accum: int = Field(1, ge=1)
+    bf16: bool = True  # autocast on GPU only
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    output: str | None = None  # default: <storage.path>/<run.name>
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    max_failures: int = 0
+
+
+class StorageConfig(Strict):
+    path: str = "runs"  # local folder or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3-compatible endpoint (e.g. moto on 127.0.0.1)
+
+
+class TrackingConfig(Strict):
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "codiemb"
+
+
+# --------------------------------------------------------------------------- merge / tune / register
+class MergeModelConfig(Strict):
+    model: str
+    weight: float = 1.0
+    parameters: dict[str, Any] = {}
+
+
+class MergeConfig(Strict):
+    """Shaped like mergekit's: a method, a base model, models with weights and parameters."""
+
+    method: str = "delta_guided"
+    base_model: str | None = None  # default: model.name
+    models: list[MergeModelConfig] = []
+    parameters: dict[str, Any] = {}  # e.g. gamma, lam, density, drop_p, t, granularity
+    output: str | None = None
+
+
+class TuneConfig(Strict):
+    search: Literal["merge", "loss"] = "merge"
+    num_samples: int = 20
+    max_concurrent: int = 2
+    algorithm: Literal["tpe", "nsga2", "random"] = "tpe"
+    objective: Literal["weighted", "pareto"] = "weighted"
+    objective_weights: dict[str, float] = {"sts": 0.5, "retrieval": 0.5}
+    space: dict[str, Any] = {}  # name -> {type: uniform|loguniform|int|choice, ...}
+    asha: dict[str, Any] = {}
+    resume: bool = True
+
+
+class GateConfig(Strict):
+    suite: str = "default"
+    margin: float = 0.1
+
+
+class RegisterConfig(Strict):
+    name: str = "codiemb"
+    gate: GateConfig = GateConfig()
+
+
+class PipelineConfig(Strict):
+    stages: list[Literal["train", "merge", "tune", "evaluate", "register"]] = ["train", "evaluate", "register"]
+    specialists: dict[str, dict[str, Any]] = {}  # name -> overrides applied to this config (dotted keys)
+
+
+class Config(Strict):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    merge: MergeConfig | None = None
+    tune: TuneConfig | None = None
+    registry: RegisterConfig | None = None  # DESIGN sketch calls it `register`; that name shadows a pydantic attribute
+    pipeline: PipelineConfig | None = None
+    evaluate: dict[str, Any] = {"suite": "default"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars/lists: 3e-5, true, [1, 2], null, strings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = tree
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                try:
+                    node = node[int(p)]
+                    continue
+                except (ValueError, IndexError):
+                    raise ConfigError(f"--set {key}: {p!r} is not an index of a list of {len(node)}") from None
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+        last = parts[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = _parse_value(raw)
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {key}: {last!r} is not an index of a list of {len(node)}") from None
+        else:
+            node[last] = _parse_value(raw)
+    return tree
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{path}'")
+        else:
+            problems.append(f"'{path}': {err['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or start from defaults), apply ``--set`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    tree = apply_overrides(tree, overrides)
+    return config_from_dict(tree, source)
