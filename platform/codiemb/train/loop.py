@@ -1,0 +1,464 @@
+"""The training loop: plain torch, top to bottom, no Ray (DESIGN §2, §4).
+
+One process runs it with ``codiemb train CONFIG --local``; each Ray Train worker runs the same
+function with its rank and world size (``train/ray_trainer.py``). Every optimizer step is ONE task
+on ALL ranks (``TaskBatchSampler``); retrieval steps use multi-positive InfoNCE over the global
+batch, STS steps the order-aware composite. Gradients are averaged over ranks by an all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from codiemb.config import Config
+from codiemb.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- data handed to the loop
+@dataclass
+class TaskData:
+    """One training source: validated records of one task, with its batch size."""
+
+    name: str
+    task: str  # "retrieval" | "sts"
+    records: list[dict]
+    batch_size: int
+    score_range: tuple[float, float] = (0.0, 5.0)
+    instruction: str | None = None
+    num_positives: int = 1
+    num_negatives: int = 0
+
+
+def load_task_data(cfg: Config, quarantine_dir: str | Path | None = None) -> tuple[list[TaskData], dict[str, dict]]:
+    """Read and validate every configured dataset with the plain-Python reader (no Ray)."""
+    from codiemb.data.local import read_records
+    from codiemb.paths import resolve_data_path
+
+    tasks: list[TaskData] = []
+    counts: dict[str, dict] = {}
+    for ds in cfg.data.datasets:
+        path = resolve_data_path(ds.path, cfg.data.root)
+        qpath = None
+        if cfg.data.on_bad_rows == "quarantine":
+            qdir = Path(quarantine_dir or ".")
+            qdir.mkdir(parents=True, exist_ok=True)
+            qpath = str(qdir / f"quarantine-{ds.name}.jsonl")
+        score_range = tuple(ds.score_range) if ds.score_range else (0.0, 5.0)
+        result = read_records(
+            path, ds.task, score_range=score_range if ds.task == "sts" else None, fmt=ds.format, qrels=ds.qrels,
+            on_bad_rows=cfg.data.on_bad_rows, quarantine_path=qpath,
+            max_bad_fraction=cfg.data.max_bad_fraction, max_rows=ds.max_rows,
+        )
+        counts[ds.name] = dict(result.counts)
+        tasks.append(make_task_data(cfg, ds, result.records, score_range))
+    return tasks, counts
+
+
+def make_task_data(cfg: Config, ds, records: list[dict], score_range=(0.0, 5.0)) -> TaskData:
+    m = n = 0
+    if ds.task == "retrieval":
+        if not records:
+            raise DataError(f"dataset {ds.name!r}: no valid rows")
+        m = min(cfg.loss.retrieval.positives, min(len(r["positives"]) for r in records))
+        n = min(cfg.loss.retrieval.negatives, min(len(r["negatives"]) for r in records))
+        if n < cfg.loss.retrieval.negatives:
+            log.info("dataset %s: %d hard negatives per query (config asks %d; the rows have fewer)",
+                     ds.name, n, cfg.loss.retrieval.negatives)
+    return TaskData(name=ds.name, task=ds.task, records=records, batch_size=ds.batch_size,
+                    score_range=tuple(score_range), instruction=ds.instruction, num_positives=max(m, 1),
+                    num_negatives=n)
+
+
+# --------------------------------------------------------------------------- distributed context
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def average_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
+    """All-reduce (mean) every gradient across ranks: one flat buffer, one collective."""
+    if ctx.world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# --------------------------------------------------------------------------- hooks
+class Callbacks(Protocol):
+    def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+
+class _NoCallbacks:
+    def on_log(self, step, metrics):
+        pass
+
+    def on_checkpoint(self, step, path):
+        pass
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    model_dir: str
+    steps: int
+    steps_per_task: dict[str, int]
+    planned_steps_per_task: dict[str, int]
+    samples_per_s: float
+    tokens_per_s: float
+    wall_s: float
+    final_losses: dict[str, float]
+    dev: dict[str, Any] | None = None
+    data_counts: dict[str, dict] | None = None
+    resumed_from: int | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(update: int) -> float:
+        if warmup and update < warmup:
+            return (update + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (update - warmup) / max(1, total - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return f
+
+
+def _maybe_fail(step: int, ctx: DistContext, output_dir: Path) -> None:
+    """Fault injection: ``CODIEMB_FAIL_AT=RANK:STEP`` raises once at that step (a marker stops repeats)."""
+    spec = os.environ.get("CODIEMB_FAIL_AT")
+    if not spec:
+        return
+    rank_s, step_s = spec.split(":")
+    if int(rank_s) != ctx.rank or int(step_s) != step:
+        return
+    marker = output_dir / f".fail-injected-rank{ctx.rank}-step{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("fired\n")
+    raise RuntimeError(f"CODIEMB_FAIL_AT: injected failure on rank {ctx.rank} at step {step}")
+
+
+def _pick(items: list[str], k: int, rng: random.Random) -> list[str]:
+    if len(items) <= k:
+        return list(items[:k])
+    return rng.sample(items, k)
+
+
+# --------------------------------------------------------------------------- one step per task
+def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext, rng: random.Random):
+    from codiemb.losses.ir import info_nce
+
+    m, n = td.num_positives, td.num_negatives
+    queries = [r["query"] for r in rows]
+    passages: list[str] = []
+    for r in rows:
+        passages += _pick(r["positives"], m, rng) + _pick(r["negatives"], n, rng)
+    ml = cfg.model.max_length
+    instruction = td.instruction or (rows[0].get("instruction") if rows else None)
+    qf = encoder.tokenize(queries, ml.query, instruction=instruction)
+    pf = encoder.tokenize(passages, ml.passage)
+    qf = {k: v.to(ctx.device) for k, v in qf.items()}
+    pf = {k: v.to(ctx.device) for k, v in pf.items()}
+    q = encoder(qf)["embedding"]
+    p = encoder(pf)["embedding"].view(len(rows), m + n, -1)
+    gather = cfg.loss.retrieval.gather_across_workers and ctx.world_size > 1
+    loss_fn = lambda qq, pp: info_nce(qq, pp, m, temperature=cfg.loss.retrieval.temperature, gather=gather)  # noqa: E731
+    if cfg.loss.matryoshka is not None:
+        from codiemb.losses.matryoshka import matryoshka
+
+        loss_fn = matryoshka(loss_fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)
+    loss = loss_fn(q, p)
+    tokens = int(qf["attention_mask"].sum() + pf["attention_mask"].sum())
+    negatives_seen = len(rows) * ctx.world_size * (1 + n) - 1 if gather else len(rows) * (1 + n) - 1
+    return loss, {"negatives_per_query": float(negatives_seen)}, tokens
+
+
+def sts_loss_step(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext):
+    from codiemb.losses.sts import sts_loss
+
+    w = cfg.loss.sts
+    b = len(rows)
+    feats = encoder.tokenize([r["sentence1"] for r in rows] + [r["sentence2"] for r in rows], cfg.model.max_length.sts)
+    feats = {k: v.to(ctx.device) for k, v in feats.items()}
+    layers = None
+    if w.mid_nce:
+        mid = w.mid_nce_layer if w.mid_nce_layer is not None else max(1, encoder.num_layers // 2)
+        layers = [mid]
+    out = encoder(feats, layers=layers)
+    e1, e2 = out["embedding"][:b], out["embedding"][b:]
+    mid1 = mid2 = None
+    if layers:
+        mid_emb = out["layer_embeddings"][layers[0]]
+        mid1, mid2 = mid_emb[:b], mid_emb[b:]
+    y = torch.tensor([r["score"] for r in rows], dtype=torch.float32, device=ctx.device)
+    gather = ctx.world_size > 1
+    if cfg.loss.matryoshka is not None:
+        from codiemb.losses.matryoshka import matryoshka
+
+        parts_box: dict[str, float] = {}
+
+        def fn(a, c):
+            loss, parts = sts_loss(a, c, y, w, mid1=mid1, mid2=mid2, score_range=td.score_range, gather=gather)
+            parts_box.update(parts)
+            return loss
+
+        loss = matryoshka(fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)(e1, e2)
+        parts = parts_box
+    else:
+        loss, parts = sts_loss(e1, e2, y, w, mid1=mid1, mid2=mid2, score_range=td.score_range, gather=gather)
+    return loss, parts, int(feats["attention_mask"].sum())
+
+
+# --------------------------------------------------------------------------- the loop
+def train(
+    cfg: Config,
+    tasks: list[TaskData] | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    ctx: DistContext | None = None,
+    callbacks: Callbacks | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+    data_counts: dict[str, dict] | None = None,
+) -> TrainResult:
+    """Train ``cfg`` and write ``<output>/model`` (a sentence-transformers folder).
+
+    ``tasks`` defaults to reading ``cfg.data.datasets`` with the plain reader. ``stop_after``
+    stops (after checkpointing) at that step, to test resume. With ``resume`` the newest valid
+    checkpoint under ``<output>/checkpoints`` is restored exactly (weights, optimizer, scheduler, RNG).
+    """
+    from codiemb.data.sampler import TaskBatchSampler
+    from codiemb.model.encoder import Encoder
+    from codiemb.train import checkpoint as ckpt
+
+    ctx = ctx or DistContext(device=torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu"))
+    callbacks = callbacks or _NoCallbacks()
+    out = Path(output_dir or cfg.train.output or Path(cfg.storage.path) / cfg.run.name)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.run.seed)
+
+    if tasks is None:
+        tasks, data_counts = load_task_data(cfg, quarantine_dir=out)
+    if not tasks:
+        raise DataError("config has no datasets (data.datasets is empty)")
+    by_name = {t.name: t for t in tasks}
+
+    encoder = Encoder.load(cfg.model.name, pooling=cfg.model.pooling, normalize=cfg.model.normalize,
+                           trust_remote_code=cfg.model.trust_remote_code, device=ctx.device)
+    if cfg.model.gradient_checkpointing:
+        encoder.enable_gradient_checkpointing()
+    encoder.train()
+
+    sampler = TaskBatchSampler(
+        {t.name: len(t.records) for t in tasks}, {t.name: t.batch_size for t in tasks},
+        world_size=ctx.world_size, policy=cfg.sampler.policy, temperature=cfg.sampler.temperature,
+        epochs=cfg.train.epochs, seed=cfg.run.seed,
+    )
+    total_steps = len(sampler) if cfg.train.max_steps is None else min(cfg.train.max_steps, len(sampler))
+    accum = cfg.train.grad_accum
+    total_updates = math.ceil(total_steps / accum)
+    planned = {name: 0 for name in by_name}
+    for name, _ in sampler.plan()[:total_steps]:
+        planned[name] += 1
+
+    decay, no_decay = [], []
+    for n_, p in encoder.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in n_ or "norm" in n_.lower() else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.train.lr, fused=ctx.device.type == "cuda",
+    )
+    warmup = int(math.ceil(cfg.train.warmup_ratio * total_updates))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.schedule, warmup, total_updates))
+
+    start_step, resumed_from = 0, None
+    done_per_task = {name: 0 for name in by_name}
+    ckpt_root = out / "checkpoints"
+    if resume:
+        latest = ckpt.latest_checkpoint(ckpt_root)
+        if latest is not None:
+            state = ckpt.restore_checkpoint(latest, encoder, optimizer, scheduler)
+            start_step = resumed_from = int(state["step"])
+            done_per_task.update(state.get("steps_per_task", {}))
+            log.info("resumed from %s (step %d of %d)", latest, start_step, total_steps)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" and cfg.train.bf16
+                else torch.autocast("cpu", enabled=False))
+    progress = None
+    if ctx.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                        disable=os.environ.get("CODIEMB_NO_PROGRESS") == "1")
+    metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
+    window_samples = window_tokens = 0
+    window_start = time.perf_counter()
+    total_samples = total_tokens = 0
+    train_start = time.perf_counter()
+    last_losses: dict[str, float] = {}
+    step = start_step
+    try:
+        for step in range(start_step, total_steps):
+            _maybe_fail(step, ctx, out)
+            name, idx = sampler.batch(step, ctx.rank)
+            td = by_name[name]
+            rows = [td.records[i] for i in idx]
+            step_rng = random.Random(cfg.run.seed * 1_000_003 + step * 101 + ctx.rank)
+            with autocast:
+                if td.task == "retrieval":
+                    loss, extra, tokens = retrieval_loss(encoder, rows, td, cfg, ctx, step_rng)
+                else:
+                    loss, extra, tokens = sts_loss_step(encoder, rows, td, cfg, ctx)
+            weight = cfg.loss.task_weights.get(td.task, 1.0) * cfg.loss.task_weights.get(td.name, 1.0)
+            (loss * weight / accum).backward()
+            done_per_task[name] += 1
+            window_samples += len(rows) * ctx.world_size
+            window_tokens += tokens * ctx.world_size
+            last_losses[name] = float(loss.detach())
+
+            if (step + 1) % accum == 0 or step + 1 == total_steps:
+                average_gradients(encoder, ctx)
+                if cfg.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if ctx.is_main and (done % cfg.train.log_every == 0 or done == total_steps):
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                m = {f"loss/{name}": last_losses[name], "lr": scheduler.get_last_lr()[0],
+                     "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed}
+                m.update({f"{td.task}/{k}": float(v) for k, v in extra.items()})
+                m.update({f"steps/{k}": float(v) for k, v in done_per_task.items()})
+                total_samples += window_samples
+                total_tokens += window_tokens
+                window_samples = window_tokens = 0
+                window_start = time.perf_counter()
+                metrics_file.write(json.dumps({"step": done, **m}) + "\n")
+                metrics_file.flush()
+                callbacks.on_log(done, m)
+                if progress is not None:
+                    progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items() if k.startswith("loss/")})
+            if progress is not None:
+                progress.update(1)
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps and ctx.is_main:
+                dev = evaluate_dev(encoder, cfg)
+                if dev:
+                    callbacks.on_log(done, {f"dev/{k}": v for k, v in dev.items()})
+                encoder.train()
+            want_ckpt = (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == stop_after
+            if want_ckpt and done % accum == 0 and done != total_steps:
+                _checkpoint(ckpt, ckpt_root, done, encoder, optimizer, scheduler, sampler, done_per_task, cfg, ctx, callbacks)
+            if stop_after is not None and done >= stop_after:
+                break
+    finally:
+        if progress is not None:
+            progress.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    wall = time.perf_counter() - train_start
+    total_samples += window_samples
+    total_tokens += window_tokens
+    finished = stop_after is None or step + 1 >= total_steps
+    model_dir = out / "model"
+    dev = None
+    if ctx.is_main and finished:
+        encoder.eval()
+        encoder.save(model_dir)
+        if cfg.data.dev is not None and os.environ.get("CODIEMB_SKIP_DEV") != "1":
+            dev = evaluate_dev(encoder, cfg)
+            if dev:
+                callbacks.on_log(step + 1, {f"dev/{k}": v for k, v in dev.items()})
+    result = TrainResult(
+        output_dir=str(out), model_dir=str(model_dir), steps=step + 1 if total_steps else 0,
+        steps_per_task=done_per_task, planned_steps_per_task=planned,
+        samples_per_s=total_samples / max(wall, 1e-9), tokens_per_s=total_tokens / max(wall, 1e-9),
+        wall_s=wall, final_losses=last_losses, dev=dev, data_counts=data_counts, resumed_from=resumed_from,
+    )
+    if ctx.is_main and finished:
+        (out / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
+    return result
+
+
+def _checkpoint(ckpt, root, done, encoder, optimizer, scheduler, sampler, done_per_task, cfg, ctx, callbacks):
+    """Rank 0 writes; other ranks wait so nobody runs ahead of a checkpoint being written."""
+    path = None
+    if ctx.is_main:
+        path = ckpt.save_checkpoint(root, done, encoder, optimizer, scheduler,
+                                    {"steps_per_task": dict(done_per_task), "sampler": sampler.state_dict(),
+                                     "config": cfg.to_dict()},
+                                    keep=cfg.train.keep_checkpoints)
+        encoder.train()
+        callbacks.on_checkpoint(done, path)
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def evaluate_dev(encoder, cfg: Config) -> dict[str, float]:
+    """Dev-set scores (never test): STS-B dev Spearman and the retrieval dev nDCG@10, x100."""
+    from codiemb.data.beir import load_beir
+    from codiemb.evaluate.retrieval import evaluate_retrieval
+    from codiemb.evaluate.sts import evaluate_sts
+    from codiemb.paths import resolve_data_path
+
+    dev = cfg.data.dev
+    if dev is None:
+        return {}
+    out: dict[str, float] = {}
+    ml = cfg.model.max_length
+    if dev.sts:
+        r = evaluate_sts(encoder, resolve_data_path(dev.sts, cfg.data.root), batch_size=64, max_length=ml.sts)
+        out["sts_spearman"] = r["spearman"]
+    if dev.retrieval:
+        split = load_beir(resolve_data_path(dev.retrieval.beir, cfg.data.root), dev.retrieval.qrels)
+        r = evaluate_retrieval(encoder, split, batch_size=64, query_max_length=ml.query, doc_max_length=ml.passage)
+        out["retrieval_ndcg@10"] = r["ndcg@10"]
+    if len(out) == 2:
+        out["mean"] = (out["sts_spearman"] + out["retrieval_ndcg@10"]) / 2
+    return out
