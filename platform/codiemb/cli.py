@@ -58,6 +58,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from codiemb.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output:
+        cfg.train.output = args.output
+    if args.local:
+        from codiemb.train.loop import train
+
+        result = train(cfg, resume=not args.no_resume)
+    else:
+        from codiemb.train.ray_trainer import train_on_ray
+
+        result = train_on_ray(cfg, resume=not args.no_resume)
+    print(f"model: {result.model_dir}")
+    print(f"steps: {result.steps} {json.dumps(result.steps_per_task)}  samples/s: {result.samples_per_s:.1f}  "
+          f"wall: {result.wall_s:.0f}s")
+    if result.dev:
+        print("dev: " + "  ".join(f"{k}={v:.2f}" for k, v in result.dev.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codiemb", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -88,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train an encoder from a config (Ray workers; --local: one process, no Ray)")
+    _config_args(p)
+    p.add_argument("--local", action="store_true", help="run the plain-torch loop in this process, without Ray")
+    p.add_argument("--output", help="output folder (default: <storage.path>/<run.name>)")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in the output folder")
+    p.set_defaults(func=cmd_train)
 
     return parser
 
