@@ -145,6 +145,7 @@ class ScalingConfig(Strict):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     max_failures: int = 0
+    autoscaling: bool = False  # the cluster can grow: do not fail fast when it is too small now
 
 
 class StorageConfig(Strict):

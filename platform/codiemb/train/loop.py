@@ -262,12 +262,19 @@ def train(
     resume: bool = True,
     stop_after: int | None = None,
     data_counts: dict[str, dict] | None = None,
+    resume_from: str | Path | None = None,
+    sharded: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` and write ``<output>/model`` (a sentence-transformers folder).
 
     ``tasks`` defaults to reading ``cfg.data.datasets`` with the plain reader. ``stop_after``
     stops (after checkpointing) at that step, to test resume. With ``resume`` the newest valid
-    checkpoint under ``<output>/checkpoints`` is restored exactly (weights, optimizer, scheduler, RNG).
+    checkpoint under ``<output>/checkpoints`` (or ``resume_from``, e.g. the checkpoint Ray Train
+    hands back after a failure) is restored exactly (weights, optimizer, scheduler, RNG).
+
+    ``sharded``: each rank's ``tasks`` hold only its own shard (Ray Data ``streaming_split``, equal
+    sizes), so every rank draws its batch from its shard with the same task order; otherwise every
+    rank holds all rows and takes its slice of each global batch.
     """
     from codiemb.data.sampler import TaskBatchSampler
     from codiemb.model.encoder import Encoder
@@ -293,7 +300,7 @@ def train(
 
     sampler = TaskBatchSampler(
         {t.name: len(t.records) for t in tasks}, {t.name: t.batch_size for t in tasks},
-        world_size=ctx.world_size, policy=cfg.sampler.policy, temperature=cfg.sampler.temperature,
+        world_size=1 if sharded else ctx.world_size, policy=cfg.sampler.policy, temperature=cfg.sampler.temperature,
         epochs=cfg.train.epochs, seed=cfg.run.seed,
     )
     total_steps = len(sampler) if cfg.train.max_steps is None else min(cfg.train.max_steps, len(sampler))
@@ -317,7 +324,7 @@ def train(
     done_per_task = {name: 0 for name in by_name}
     ckpt_root = out / "checkpoints"
     if resume:
-        latest = ckpt.latest_checkpoint(ckpt_root)
+        latest = Path(resume_from) if resume_from else ckpt.latest_checkpoint(ckpt_root)
         if latest is not None:
             state = ckpt.restore_checkpoint(latest, encoder, optimizer, scheduler)
             start_step = resumed_from = int(state["step"])
@@ -342,7 +349,7 @@ def train(
     try:
         for step in range(start_step, total_steps):
             _maybe_fail(step, ctx, out)
-            name, idx = sampler.batch(step, ctx.rank)
+            name, idx = sampler.batch(step, 0 if sharded else ctx.rank)
             td = by_name[name]
             rows = [td.records[i] for i in idx]
             step_rng = random.Random(cfg.run.seed * 1_000_003 + step * 101 + ctx.rank)
@@ -425,7 +432,8 @@ def train(
 
 
 def _checkpoint(ckpt, root, done, encoder, optimizer, scheduler, sampler, done_per_task, cfg, ctx, callbacks):
-    """Rank 0 writes; other ranks wait so nobody runs ahead of a checkpoint being written."""
+    """Rank 0 writes; every rank then calls ``on_checkpoint`` (path None off rank 0), so a
+    callback may act as a barrier (``ray.train.report`` must be called by all workers)."""
     path = None
     if ctx.is_main:
         path = ckpt.save_checkpoint(root, done, encoder, optimizer, scheduler,
@@ -433,11 +441,11 @@ def _checkpoint(ckpt, root, done, encoder, optimizer, scheduler, sampler, done_p
                                      "config": cfg.to_dict()},
                                     keep=cfg.train.keep_checkpoints)
         encoder.train()
-        callbacks.on_checkpoint(done, path)
     if ctx.world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()
+    callbacks.on_checkpoint(done, path)
 
 
 def evaluate_dev(encoder, cfg: Config) -> dict[str, float]:

@@ -1,0 +1,249 @@
+"""Ray Train wiring: a ``TorchTrainer`` whose worker body is the plain loop (``train/loop.py``).
+
+- Data: each configured dataset is read and validated with Ray Data on the driver
+  (``data/readers.py``) and handed to the trainer; Ray Train splits it across workers with
+  ``streaming_split(equal=True)``, so every worker holds an equal shard and the task-batch
+  sampler gives every worker a full batch of the same task at each step.
+- Negatives: the IR loss gathers queries and passages from all workers (gloo on CPU, NCCL on GPU).
+- Storage and fault tolerance: ``RunConfig(storage_path, name=run.name)`` with a deterministic
+  name, so a re-submitted job finds its checkpoints and resumes; ``FailureConfig(max_failures)``
+  restarts workers from the last reported checkpoint.
+- Tracking: rank 0 logs to MLflow; the run id is stored in the checkpoint so a resumed job
+  continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from codiemb.config import Config, config_from_dict
+from codiemb.errors import UserError
+from codiemb.train.loop import DistContext, TaskData, TrainResult, make_task_data, train
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+# --------------------------------------------------------------------------- cluster
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to ``$RAY_ADDRESS`` / a running job's cluster, else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(log_to_driver=True)
+        return
+    # On small machines declare more logical CPUs so Train workers and Data tasks do not starve.
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    res = dict(cfg.scaling.resources_per_worker or {})
+    res.setdefault("CPU", 1.0)
+    if cfg.scaling.use_gpu:
+        res.setdefault("GPU", 1.0)
+    return res
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast, in one line, when the cluster can never hold the workers (unless it can grow)."""
+    import ray
+
+    if cfg.scaling.autoscaling:
+        return
+    total = ray.cluster_resources()
+    need = worker_resources(cfg)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # every worker must fit on some node, and all of them on the cluster
+    for key, amount in need.items():
+        have = total.get(key, 0.0)
+        if amount * cfg.scaling.num_workers > have + 1e-9:
+            raise UserError(
+                f"scaling asks for {cfg.scaling.num_workers} workers x {amount:g} {key} = "
+                f"{amount * cfg.scaling.num_workers:g} {key}, but the cluster has {have:g} {key} and cannot grow "
+                "(set scaling.autoscaling: true on an autoscaling cluster)"
+            )
+        if nodes and not any(n["Resources"].get(key, 0.0) + 1e-9 >= amount for n in nodes):
+            raise UserError(f"no node of the cluster has {amount:g} {key} for one worker")
+
+
+# --------------------------------------------------------------------------- worker body
+class _RayCallbacks:
+    """Rank 0 logs metrics to MLflow; every rank reports each checkpoint to Ray Train."""
+
+    def __init__(self, rank: int, tracker: Any | None, run_id: str | None):
+        self.rank = rank
+        self.tracker = tracker
+        self.run_id = run_id
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=step)
+
+    def on_checkpoint(self, step: int, path: Path | None) -> None:
+        import ray.train
+
+        checkpoint = None
+        if path is not None:
+            if self.run_id:
+                (Path(path) / RUN_ID_FILE).write_text(self.run_id)
+            checkpoint = ray.train.Checkpoint.from_directory(str(path))
+        ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:06d}")
+
+
+def _rows(shard) -> list[dict]:
+    out = []
+    for row in shard.iter_rows():
+        rec = {}
+        for k, v in row.items():
+            if hasattr(v, "tolist"):
+                v = v.tolist()
+            rec[k] = v
+        out.append(rec)
+    return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["cfg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
+
+    tasks: list[TaskData] = []
+    for ds in cfg.data.datasets:
+        rows = _rows(ray.train.get_dataset_shard(ds.name))
+        score_range = tuple(ds.score_range) if ds.score_range else (0.0, 5.0)
+        tasks.append(make_task_data(cfg, ds, rows, score_range))
+
+    resume_from = None
+    run_id = config.get("mlflow_run_id")
+    checkpoint = ray.train.get_checkpoint()
+    workdir = Path(tempfile.mkdtemp(prefix=f"codiemb-{cfg.run.name}-rank{rank}-"))
+    if checkpoint is not None:
+        local = workdir / "restored"
+        with checkpoint.as_directory() as d:
+            shutil.copytree(d, local)
+        resume_from = local
+        if (local / RUN_ID_FILE).is_file():
+            run_id = (local / RUN_ID_FILE).read_text().strip() or run_id
+
+    tracker = None
+    if rank == 0 and cfg.tracking.enabled and run_id:
+        from codiemb.tracking.mlflow_run import attach_logger
+
+        tracker = attach_logger(cfg, run_id)
+    callbacks = _RayCallbacks(rank, tracker, run_id)
+    result = train(cfg, tasks, output_dir=workdir / "out", ctx=ctx, callbacks=callbacks,
+                   resume=resume_from is not None, resume_from=resume_from, sharded=True,
+                   data_counts=config.get("data_counts"))
+    final = None
+    metrics = {"step": result.steps, "final": 1, "samples_per_s": result.samples_per_s,
+               "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s}
+    if rank == 0:
+        final = workdir / "final"
+        final.mkdir()
+        shutil.copytree(result.model_dir, final / "model")
+        (final / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
+        if run_id:
+            (final / RUN_ID_FILE).write_text(run_id)
+        final = ray.train.Checkpoint.from_directory(str(final))
+    ray.train.report(metrics, checkpoint=final, checkpoint_dir_name="final")
+
+
+# --------------------------------------------------------------------------- driver
+def read_datasets_with_ray(cfg: Config, quarantine_dir: Path) -> tuple[dict[str, Any], dict[str, dict]]:
+    from codiemb.data.readers import read_dataset
+    from codiemb.paths import resolve_data_path
+
+    datasets, counts = {}, {}
+    for ds in cfg.data.datasets:
+        qpath = None
+        if cfg.data.on_bad_rows == "quarantine":
+            quarantine_dir.mkdir(parents=True, exist_ok=True)
+            qpath = str(quarantine_dir / f"quarantine-{ds.name}.jsonl")
+        score_range = tuple(ds.score_range) if ds.score_range else (0.0, 5.0)
+        data, c = read_dataset(resolve_data_path(ds.path, cfg.data.root), ds.task,
+                               score_range=score_range if ds.task == "sts" else None, fmt=ds.format,
+                               on_bad_rows=cfg.data.on_bad_rows, quarantine_path=qpath,
+                               max_bad_fraction=cfg.data.max_bad_fraction)
+        if ds.max_rows:
+            data = data.limit(ds.max_rows)
+            c = dict(c, used=min(c["valid"], ds.max_rows))
+        datasets[ds.name] = data
+        counts[ds.name] = c
+    return datasets, counts
+
+
+def _storage(cfg: Config):
+    """``storage_path`` and, for ``s3://`` with a custom endpoint, a pyarrow filesystem."""
+    path = cfg.storage.path
+    if path.startswith("s3://"):
+        if cfg.storage.endpoint_url:
+            from codiemb.data.local import open_filesystem
+
+            os.environ.setdefault("CODIEMB_S3_ENDPOINT", cfg.storage.endpoint_url)
+            fs, stripped = open_filesystem(path)
+            return stripped, fs
+        return path, None
+    return str(Path(path).resolve()), None
+
+
+def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None = None) -> TrainResult:
+    """Run the loop on ``scaling.num_workers`` Ray Train workers and return the final result.
+
+    The final model is copied to ``train.output`` (default ``<storage.path>/<run.name>/model`` for
+    local storage; for ``s3://`` storage, ``./runs/<run.name>/model`` on the driver).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    init_ray()
+    check_resources(cfg)
+    storage_path, storage_fs = _storage(cfg)
+    local_root = Path(cfg.train.output).parent if cfg.train.output else (
+        Path(cfg.storage.path) / cfg.run.name if not cfg.storage.path.startswith("s3://") else Path("runs") / cfg.run.name)
+    local_root.mkdir(parents=True, exist_ok=True)
+    datasets, counts = read_datasets_with_ray(cfg, local_root)
+    if not resume:
+        run_dir = Path(storage_path) / cfg.run.name
+        if storage_fs is None and run_dir.exists():
+            shutil.rmtree(run_dir)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "data_counts": counts},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=worker_resources(cfg)),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, cfg.train.keep_checkpoints + 1)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    model_out = Path(cfg.train.output) if cfg.train.output else local_root / "model"
+    with result.checkpoint.as_directory() as d:
+        if model_out.exists():
+            shutil.rmtree(model_out)
+        shutil.copytree(Path(d) / "model", model_out)
+        summary = json.loads((Path(d) / "train_summary.json").read_text())
+    summary["model_dir"] = str(model_out)
+    summary["output_dir"] = str(local_root)
+    summary["data_counts"] = counts
+    (local_root / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    fields = TrainResult.__dataclass_fields__
+    return TrainResult(**{k: v for k, v in summary.items() if k in fields})
