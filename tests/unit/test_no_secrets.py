@@ -1,0 +1,70 @@
+"""redact(): credentials never reach an MLflow param, tag or text artifact."""
+
+from __future__ import annotations
+
+import pytest
+
+from codiemb.tracking.mlflow_run import MASK, flatten, is_secret_key, redact, redact_text
+
+
+@pytest.mark.parametrize("key", [
+    "AWS_SECRET_ACCESS_KEY", "aws_access_key_id", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "hf_token", "token", "storage.api_key", "openai-api-key", "db.password", "passwd", "client_secret",
+    "GOOGLE_APPLICATION_CREDENTIALS", "Authorization", "ray.auth_token", "private_key",
+])
+def test_credential_like_keys(key):
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize("key", [
+    "model.name", "tokenizer", "max_tokens", "train.tokens_per_second", "tracking.uri", "loss.sts.pearson",
+    "model.trust_remote_code", "data.datasets", "storage.endpoint_url", "author",
+])
+def test_ordinary_keys_are_kept(key):
+    assert not is_secret_key(key)
+
+
+def test_redact_masks_keys_uris_env_values_and_tokens(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-long")
+    monkeypatch.setenv("HOME_DIR_NAME", "not-a-secret-value")
+    out = redact({
+        "AWS_SECRET_ACCESS_KEY": "anything",
+        "hf_token": "hf_abcdef",
+        "endpoint": "https://bob:pa55w0rd@minio.local:9000/bucket",
+        "db": "postgresql://mlflow:dbpass@db:5432/mlflow",
+        "note": "uploaded with wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY ok",
+        "header": "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig",
+        "key_id": "AKIAIOSFODNN7EXAMPLE",
+        "list": ["a", "hunter2-long"],
+        "lr": 3e-5,
+        "flag": True,
+        "empty_token": "",
+        "name": "not-a-secret-value",
+        "hunter2-long": 1.0,
+    })
+    assert out["AWS_SECRET_ACCESS_KEY"] == MASK and out["hf_token"] == MASK
+    assert out["endpoint"] == "https://***@minio.local:9000/bucket"
+    assert out["db"] == "postgresql://***@db:5432/mlflow"
+    assert out["note"] == "uploaded with *** ok"
+    assert out["header"] == "Authorization: Bearer ***"
+    assert out["key_id"] == MASK
+    assert out["list"] == '["a", "***"]'
+    assert out["lr"] == 3e-5 and out["flag"] is True
+    assert out["empty_token"] == ""  # nothing to hide
+    assert out["name"] == "not-a-secret-value"  # only credential-like variables count
+    assert out[MASK] == 1.0  # a secret used as a key is scrubbed too
+    text = repr(out)
+    for secret in ("wJalrXUtnFEMI", "hunter2-long", "pa55w0rd", "dbpass", "hf_abcdef", "eyJhbGci", "AKIAIOSFODNN7"):
+        assert secret not in text
+
+
+def test_redact_text_leaves_ordinary_text_alone(monkeypatch):
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    text = "run: {name: codiemb}\ntracking: {uri: http://127.0.0.1:5000}\nstorage: {path: s3://bucket/runs}\n"
+    assert redact_text(text) == text
+
+
+def test_flatten_dotted_keys():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}, "f": None}) == \
+        {"a.b": 1, "a.c.d": [1, 2], "e": {}, "f": None}
