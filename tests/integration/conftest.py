@@ -100,3 +100,4 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+from conftest_services import *  # noqa: F401,F403
