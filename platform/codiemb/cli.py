@@ -65,14 +65,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.output:
         cfg.train.output = args.output
-    if args.local:
-        from codiemb.train.loop import train
+    if args.no_tracking:
+        cfg.tracking.enabled = False
+    from codiemb.tracking.train_run import train_tracked
 
-        result = train(cfg, resume=not args.no_resume)
-    else:
-        from codiemb.train.ray_trainer import train_on_ray
-
-        result = train_on_ray(cfg, resume=not args.no_resume)
+    result, run_id = train_tracked(cfg, local=args.local, resume=not args.no_resume)
+    if run_id:
+        print(f"mlflow run: {run_id} ({cfg.tracking.uri})")
     print(f"model: {result.model_dir}")
     print(f"steps: {result.steps} {json.dumps(result.steps_per_task)}  samples/s: {result.samples_per_s:.1f}  "
           f"wall: {result.wall_s:.0f}s")
@@ -117,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run the plain-torch loop in this process, without Ray")
     p.add_argument("--output", help="output folder (default: <storage.path>/<run.name>)")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in the output folder")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (same as --set tracking.enabled=false)")
     p.set_defaults(func=cmd_train)
 
     return parser

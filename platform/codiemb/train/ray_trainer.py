@@ -140,9 +140,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     tracker = None
     if rank == 0 and cfg.tracking.enabled and run_id:
-        from codiemb.tracking.mlflow_run import attach_logger
+        from codiemb.tracking.mlflow_run import SafeLogger
 
-        tracker = attach_logger(cfg, run_id)
+        tracker = SafeLogger(cfg.tracking.uri, run_id, experiment=cfg.tracking.experiment)
     callbacks = _RayCallbacks(rank, tracker, run_id)
     result = train(cfg, tasks, output_dir=workdir / "out", ctx=ctx, callbacks=callbacks,
                    resume=resume_from is not None, resume_from=resume_from, sharded=True,
@@ -154,10 +154,15 @@ def train_loop_per_worker(config: dict) -> None:
         final = workdir / "final"
         final.mkdir()
         shutil.copytree(result.model_dir, final / "model")
+        metrics_file = Path(result.output_dir) / "metrics.jsonl"
+        if metrics_file.is_file():
+            shutil.copy(metrics_file, final / "metrics.jsonl")
         (final / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
         if run_id:
             (final / RUN_ID_FILE).write_text(run_id)
         final = ray.train.Checkpoint.from_directory(str(final))
+    if tracker is not None:
+        tracker.close("RUNNING", end_run=False)  # flush; the driver ends the run
     ray.train.report(metrics, checkpoint=final, checkpoint_dir_name="final")
 
 
@@ -241,6 +246,8 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
             shutil.rmtree(model_out)
         shutil.copytree(Path(d) / "model", model_out)
         summary = json.loads((Path(d) / "train_summary.json").read_text())
+        if (Path(d) / "metrics.jsonl").is_file():
+            shutil.copy(Path(d) / "metrics.jsonl", local_root / "metrics.jsonl")
     summary["model_dir"] = str(model_out)
     summary["output_dir"] = str(local_root)
     summary["data_counts"] = counts
