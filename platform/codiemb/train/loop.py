@@ -164,7 +164,7 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def _maybe_fail(step: int, ctx: DistContext, output_dir: Path) -> None:
+def _maybe_fail(step: int, ctx: DistContext, marker_dir: Path) -> None:
     """Fault injection: ``CODIEMB_FAIL_AT=RANK:STEP`` raises once at that step (a marker stops repeats)."""
     spec = os.environ.get("CODIEMB_FAIL_AT")
     if not spec:
@@ -172,7 +172,7 @@ def _maybe_fail(step: int, ctx: DistContext, output_dir: Path) -> None:
     rank_s, step_s = spec.split(":")
     if int(rank_s) != ctx.rank or int(step_s) != step:
         return
-    marker = output_dir / f".fail-injected-rank{ctx.rank}-step{step}"
+    marker = marker_dir / f".fail-injected-rank{ctx.rank}-step{step}"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +264,7 @@ def train(
     data_counts: dict[str, dict] | None = None,
     resume_from: str | Path | None = None,
     sharded: bool = False,
+    fail_marker_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg`` and write ``<output>/model`` (a sentence-transformers folder).
 
@@ -348,7 +349,7 @@ def train(
     step = start_step
     try:
         for step in range(start_step, total_steps):
-            _maybe_fail(step, ctx, out)
+            _maybe_fail(step, ctx, Path(fail_marker_dir) if fail_marker_dir else out)
             name, idx = sampler.batch(step, 0 if sharded else ctx.rank)
             td = by_name[name]
             rows = [td.records[i] for i in idx]

@@ -129,7 +129,11 @@ def train_loop_per_worker(config: dict) -> None:
     resume_from = None
     run_id = config.get("mlflow_run_id")
     checkpoint = ray.train.get_checkpoint()
-    workdir = Path(tempfile.mkdtemp(prefix=f"codiemb-{cfg.run.name}-rank{rank}-"))
+    # a fresh local work folder per attempt; the run-level folder (stable across restarts on this
+    # node) holds the fault-injection markers
+    run_local = Path(tempfile.gettempdir()) / "codiemb" / cfg.run.name
+    run_local.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"rank{rank}-", dir=run_local))
     if checkpoint is not None:
         local = workdir / "restored"
         with checkpoint.as_directory() as d:
@@ -146,13 +150,13 @@ def train_loop_per_worker(config: dict) -> None:
     callbacks = _RayCallbacks(rank, tracker, run_id)
     result = train(cfg, tasks, output_dir=workdir / "out", ctx=ctx, callbacks=callbacks,
                    resume=resume_from is not None, resume_from=resume_from, sharded=True,
-                   data_counts=config.get("data_counts"))
+                   data_counts=config.get("data_counts"), fail_marker_dir=config.get("fail_marker_dir") or run_local)
     final = None
     metrics = {"step": result.steps, "final": 1, "samples_per_s": result.samples_per_s,
                "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s}
     if rank == 0:
         final = workdir / "final"
-        final.mkdir()
+        final.mkdir(exist_ok=True)
         shutil.copytree(result.model_dir, final / "model")
         metrics_file = Path(result.output_dir) / "metrics.jsonl"
         if metrics_file.is_file():
@@ -225,15 +229,22 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
         if storage_fs is None and run_dir.exists():
             shutil.rmtree(run_dir)
 
+    env = {k: os.environ[k] for k in ("CODIEMB_FAIL_AT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                      "CODIEMB_NO_PROGRESS", "CODIEMB_SKIP_DEV", "CODIEMB_DATA") if k in os.environ}
+    fail_marker_dir = None
+    if storage_fs is None and not storage_path.startswith("s3://"):
+        fail_marker_dir = str(Path(storage_path) / cfg.run.name)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "data_counts": counts},
+        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "data_counts": counts,
+                           "fail_marker_dir": fail_marker_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, cfg.train.keep_checkpoints + 1)),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            worker_runtime_env={"env_vars": env} if env else None,
         ),
         datasets=datasets,
     )

@@ -1,0 +1,156 @@
+"""Ray Train: 2 workers == 1 process with the doubled batch; fault injection; MLflow; fail fast."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from codiemb.config import load_config
+from codiemb.errors import UserError
+
+pytestmark = pytest.mark.integration
+
+WORDS = "cat dog man woman child car house tree water fire sun moon red blue green big small".split()
+
+
+def _data(tmp_path, n_ret=64, n_sts=64):
+    rng = random.Random(0)
+    ret = tmp_path / "ret.jsonl"
+    with open(ret, "w") as fh:
+        for _ in range(n_ret):
+            q = " ".join(rng.sample(WORDS, 3))
+            fh.write(json.dumps({"query": q, "positive": q + " " + rng.choice(WORDS),
+                                 "negatives": [" ".join(rng.sample(WORDS, 4))]}) + "\n")
+    sts = tmp_path / "sts.jsonl"
+    with open(sts, "w") as fh:
+        for _ in range(n_sts):
+            fh.write(json.dumps({"sentence1": " ".join(rng.sample(WORDS, 4)), "sentence2": " ".join(rng.sample(WORDS, 4)),
+                                 "score": round(rng.uniform(0, 5), 1)}) + "\n")
+    return ret, sts
+
+
+def _cfg(tmp_path, model_dir, *extra):
+    ret, sts = _data(tmp_path)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"""
+run: {{name: raytest, seed: 1}}
+model: {{name: {model_dir}, max_length: {{query: 16, passage: 16, sts: 16}}}}
+data:
+  datasets:
+    - {{name: ret, task: retrieval, path: {ret}, batch_size: 4}}
+    - {{name: sts, task: sts, path: {sts}, score_range: [0, 5], batch_size: 4}}
+loss: {{retrieval: {{temperature: 0.05, negatives: 1}}, sts: {{mid_nce: 0.0}}}}
+train: {{epochs: 1, lr: 1.0e-3, checkpoint_every: 3, log_every: 1}}
+scaling: {{num_workers: 2}}
+storage: {{path: {tmp_path / 'storage'}}}
+tracking: {{enabled: false}}
+""")
+    return load_config(f, list(extra))
+
+
+# --------------------------------------------------------------------------- equivalence
+def _first_step(config):
+    """One retrieval step on this worker's half of a fixed batch; returns loss and averaged grads."""
+    import ray.train
+
+    from codiemb.config import config_from_dict
+    from codiemb.model.encoder import Encoder
+    from codiemb.train.loop import DistContext, TaskData, average_gradients, retrieval_loss
+
+    cfg = config_from_dict(config["cfg"])
+    c = ray.train.get_context()
+    rank, world = c.get_world_rank(), c.get_world_size()
+    rows = config["rows"]
+    b = len(rows) // world
+    enc = Encoder.load(cfg.model.name)
+    enc.eval()  # no dropout: identical forward on every side
+    td = TaskData(name="ret", task="retrieval", records=rows, batch_size=b, num_positives=1, num_negatives=1)
+    loss, extra, _ = retrieval_loss(enc, rows[rank * b:(rank + 1) * b], td, cfg,
+                                    DistContext(rank=rank, world_size=world), random.Random(0))
+    loss.backward()
+    average_gradients(enc, DistContext(rank=rank, world_size=world))
+    grads = {n: p.grad.detach().clone() for n, p in enc.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save({"loss": float(loss), "grads": grads, "negatives": extra["negatives_per_query"]}, config["out"])
+    ray.train.report({"loss": float(loss)})
+
+
+def test_two_workers_equal_one_process_with_double_batch(ray_local, tmp_path, tiny_model_dir):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from codiemb.data.local import read_records
+    from codiemb.model.encoder import Encoder
+    from codiemb.train.loop import DistContext, TaskData, retrieval_loss
+
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    rows = read_records(cfg.data.datasets[0].path, "retrieval").records[:8]
+    out = tmp_path / "ray_step.pt"
+    TorchTrainer(_first_step, train_loop_config={"cfg": cfg.to_dict(), "rows": rows, "out": str(out)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2),
+                 run_config=ray.train.RunConfig(name="equiv", storage_path=str(tmp_path / "st"))).fit()
+    got = torch.load(out, weights_only=True)
+
+    enc = Encoder.load(str(tiny_model_dir))
+    enc.eval()
+    td = TaskData(name="ret", task="retrieval", records=rows, batch_size=8, num_positives=1, num_negatives=1)
+    loss, extra, _ = retrieval_loss(enc, rows, td, cfg, DistContext(), random.Random(0))
+    loss.backward()
+    assert got["loss"] == pytest.approx(float(loss.detach()), rel=1e-4)
+    assert got["negatives"] == extra["negatives_per_query"] == 8 * 2 - 1
+    n_checked = 0
+    for n, p in enc.named_parameters():
+        if p.grad is None:
+            continue
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+        n_checked += 1
+    assert n_checked > 10
+
+
+# --------------------------------------------------------------------------- end to end
+def test_fault_injection_recovers_exact_steps_one_mlflow_run(ray_local, tmp_path, tiny_model_dir, monkeypatch,
+                                                             mlflow_tracking):
+    from mlflow.tracking import MlflowClient
+
+    from codiemb.tracking.train_run import train_tracked
+
+    monkeypatch.setenv("CODIEMB_FAIL_AT", "1:5")
+    monkeypatch.setenv("CODIEMB_SKIP_DEV", "1")
+    cfg = _cfg(tmp_path, tiny_model_dir, "scaling.max_failures=1", "tracking.enabled=true",
+               f"tracking.uri={mlflow_tracking}", "tracking.experiment=raytest-fault")
+    result, run_id = train_tracked(cfg, local=False)
+    assert result.steps == sum(result.planned_steps_per_task.values())
+    assert result.steps_per_task == result.planned_steps_per_task
+    # the failure really happened (marker) and the run resumed from the step-3 checkpoint
+    assert list((tmp_path / "storage" / "raytest").glob(".fail-injected-rank1-step5"))
+    assert result.resumed_from == 3
+    client = MlflowClient(mlflow_tracking)
+    exp = client.get_experiment_by_name("raytest-fault")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == run_id
+    metrics = runs[0].data.metrics
+    for name, planned in result.planned_steps_per_task.items():
+        assert metrics[f"steps_planned/{name}"] == planned == metrics[f"steps_done/{name}"]
+    hist = client.get_metric_history(run_id, "loss/ret")
+    assert hist, "per-task loss logged from rank 0"
+
+
+def test_more_workers_than_cluster_fails_fast(ray_local, tmp_path, tiny_model_dir):
+    from codiemb.train.ray_trainer import check_resources
+
+    cfg = _cfg(tmp_path, tiny_model_dir, "scaling.num_workers=64")
+    with pytest.raises(UserError, match="cannot grow"):
+        check_resources(cfg)
+    cfg = _cfg(tmp_path, tiny_model_dir, "scaling.use_gpu=true")
+    with pytest.raises(UserError, match="GPU"):
+        check_resources(cfg)
+    cfg = _cfg(tmp_path, tiny_model_dir, "scaling.num_workers=64", "scaling.autoscaling=true")
+    check_resources(cfg)  # an autoscaling cluster may grow: no error
