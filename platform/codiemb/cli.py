@@ -80,6 +80,104 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- pipeline / quickstart
+def _print_pipeline(result, cfg) -> None:
+    from codiemb.evaluate.report import markdown_table
+
+    if result.evaluation:
+        print(markdown_table(result.evaluation))
+    print(f"\nmodel folder: {result.model_dir}")
+    if result.registered:
+        print(f"registered:   {result.registered['uri']}  (alias challenger)")
+    if result.gate:
+        print(f"gate:         {result.gate['decision']}: {result.gate['reason']}")
+        if result.gate.get("promoted") or result.gate.get("decision") == "unchanged":
+            print(f"champion:     models:/{result.registered['name']}@champion")
+    if result.run_id:
+        print(f"mlflow run:   {result.run_id}")
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:") or "://" not in uri or uri.startswith("file:"):
+        print(f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    else:
+        print(f"MLflow UI:    {uri}")
+    print(f"wall time:    {result.wall_s:.0f} s  " + " ".join(f"{k}={v:.0f}s" for k, v in result.stages_s.items()))
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from codiemb.config import load_config
+    from codiemb.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_pipeline(cfg, local=args.local, resume=not args.no_resume)
+    _print_pipeline(result, cfg)
+    return 0
+
+
+def quickstart_config_path():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from codiemb.config import load_config
+    from codiemb.errors import ConfigError
+    from codiemb.pipeline import run_pipeline
+
+    path = quickstart_config_path()
+    if not path.is_file():
+        raise ConfigError(f"{path}: the quickstart config ships with the repository; run from a checkout")
+    cfg = load_config(path, args.overrides)
+    result = run_pipeline(cfg, local=args.local, resume=not args.no_resume)
+    _print_pipeline(result, cfg)
+    return 0
+
+
+# --------------------------------------------------------------------------- registry
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a run's model: RUN is an MLflow run id, or a run folder (its model is logged first)."""
+    from pathlib import Path
+
+    import mlflow
+
+    from codiemb.tracking.registry import log_model, register
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    run_id, folder = args.run, Path(args.run)
+    if folder.is_dir():
+        from codiemb.pipeline import PARENT_RUN_FILE
+        from codiemb.tracking.registry import find_model_folder
+        from codiemb.tracking.train_run import RUN_ID_FILE
+
+        ids = [folder / PARENT_RUN_FILE, folder / RUN_ID_FILE]
+        found = next((p for p in ids if p.is_file()), None)
+        model = Path(args.model_dir) if args.model_dir else None
+        if model is None:
+            result_file = folder / "pipeline_result.json"
+            model = Path(json.loads(result_file.read_text())["model_dir"]) if result_file.is_file() else None
+        model = model or Path(find_model_folder(folder))
+        if found is None:
+            from codiemb.errors import UserError
+
+            raise UserError(f"{folder}: no MLflow run id file ({', '.join(p.name for p in ids)})")
+        run_id = found.read_text().strip()
+        log_model(str(model), run_id=run_id)
+    version = register(run_id, args.name)
+    print(json.dumps({"name": args.name, "version": version, "alias": "challenger", "run_id": run_id}))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from codiemb.tracking.registry import promote
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    decision = promote(args.name, args.version, suite=args.suite, margin=args.margin, data_dir=args.data_dir)
+    print(json.dumps(decision, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codiemb", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -118,6 +216,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in the output folder")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (same as --set tracking.enabled=false)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pipeline", help="train -> merge search -> evaluate -> register -> gate, as one MLflow run")
+    _config_args(p)
+    p.add_argument("--local", action="store_true", help="train in this process instead of on Ray workers")
+    p.add_argument("--no-resume", action="store_true")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("quickstart", help="the pipeline on configs/quickstart.yaml (local Ray, SQLite MLflow, minilm)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--local", action="store_true", help="train in this process instead of on Ray workers")
+    p.add_argument("--no-resume", action="store_true")
+    p.set_defaults(func=cmd_quickstart)
+
+    import os
+
+    default_uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    p = sub.add_parser("register", help="register a run's model in the MLflow registry (alias challenger)")
+    p.add_argument("run", help="MLflow run id, or a run folder (pipeline/train output) whose model is logged first")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--model-dir", help="model folder to log (default: the run folder's final model)")
+    p.add_argument("--tracking-uri", default=default_uri, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("promote", help="the promotion gate: move 'champion' to the challenger if it is better")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--version", help="version to gate (default: the challenger alias)")
+    p.add_argument("--suite", default="default")
+    p.add_argument("--margin", type=float, default=0.1, help="points (x100 metrics) the challenger must win by")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--tracking-uri", default=default_uri)
+    p.set_defaults(func=cmd_promote)
 
     return parser
 

@@ -1,0 +1,172 @@
+"""The whole job: train (joint, or specialists) -> merge / merge search -> evaluate -> register -> gate.
+
+One parent MLflow run holds it all; every training run, merge and sweep trial is a nested child run.
+``codiemb pipeline CONFIG`` and ``jobs/pipeline.py`` call :func:`run_pipeline`; ``codiemb quickstart``
+runs it on ``configs/quickstart.yaml``. Like ``cli.py`` this module sits at the edge: it may import
+Ray and MLflow (lazily), the core does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codiemb.config import Config, MergeConfig, MergeModelConfig, apply_overrides, config_from_dict
+from codiemb.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_FILE = "mlflow_pipeline_run_id.txt"
+
+
+@dataclass
+class PipelineResult:
+    model_dir: str
+    models: dict[str, str] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    registered: dict[str, Any] | None = None
+    gate: dict[str, Any] | None = None
+    run_id: str | None = None
+    sweep: dict[str, Any] | None = None
+    wall_s: float = 0.0
+    stages_s: dict[str, float] = field(default_factory=dict)
+
+
+def specialist_config(cfg: Config, name: str, overrides: dict[str, Any]) -> Config:
+    """The pipeline config with a specialist's dotted overrides; its own run name and output."""
+    tree = cfg.to_dict()
+    tree["pipeline"] = None
+    tree["run"]["name"] = f"{cfg.run.name}-{name}"
+    tree["train"]["output"] = None
+    apply_overrides(tree, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return config_from_dict(tree, f"pipeline.specialists.{name}")
+
+
+def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> PipelineResult:
+    from codiemb.tracking.mlflow_run import start_run
+    from codiemb.tracking.train_run import output_root, train_tracked
+
+    if cfg.pipeline is None:
+        raise ConfigError("config has no 'pipeline' section (stages, specialists)")
+    stages = list(cfg.pipeline.stages)
+    root = output_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    id_file = root / PARENT_RUN_FILE
+    previous = id_file.read_text().strip() if resume and id_file.is_file() else None
+
+    with start_run(cfg, run_id=previous, run_name=f"pipeline-{cfg.run.name}") as parent:
+        if parent.run_id:
+            id_file.write_text(parent.run_id)
+        models: dict[str, str] = {}
+        final: str | None = None
+        sweep_info = None
+
+        # ---------------------------------------------------------------- train
+        if "train" in stages:
+            t0 = time.perf_counter()
+            if cfg.pipeline.specialists:
+                for name, overrides in cfg.pipeline.specialists.items():
+                    scfg = specialist_config(cfg, name, overrides)
+                    result, _ = train_tracked(scfg, local=local, resume=resume, nested=True, log_model=False)
+                    models[name] = result.model_dir
+                    log.info("specialist %s: %s", name, result.model_dir)
+            else:
+                result, _ = train_tracked(cfg, local=local, resume=resume, nested=True, log_model=False)
+                models["joint"] = result.model_dir
+            final = list(models.values())[-1]
+            timings["train"] = time.perf_counter() - t0
+
+        merge_cfg = cfg
+        if models and ("merge" in stages or "tune" in stages):
+            m = cfg.merge or MergeConfig()
+            m = m.model_copy(update={"models": [MergeModelConfig(model=p) for p in models.values()],
+                                     "base_model": m.base_model or cfg.model.name})
+            merge_cfg = cfg.model_copy(update={"merge": m})
+
+        # ---------------------------------------------------------------- merge search / merge
+        if "tune" in stages:
+            from codiemb.tune.merge_search import run_merge_search
+
+            t0 = time.perf_counter()
+            if merge_cfg.tune is None:
+                raise ConfigError("pipeline stage 'tune' needs a 'tune' section")
+            sweep = run_merge_search(merge_cfg)
+            if not sweep.output_dir:
+                raise UserError("the merge search finished without a successful trial")
+            final = sweep.output_dir
+            sweep_info = {"best_config": sweep.best_config, "best_metrics": sweep.best_metrics,
+                          "n_trials": sweep.n_trials, "n_errors": sweep.n_errors, "wall_s": sweep.wall_s}
+            parent.log_metrics({f"sweep/best_{k}": v for k, v in sweep.best_metrics.items()
+                                if isinstance(v, (int, float))})
+            timings["tune"] = time.perf_counter() - t0
+        elif "merge" in stages:
+            from codiemb.merge.run import run_merge
+
+            t0 = time.perf_counter()
+            merged = run_merge(merge_cfg, output=root / "merged")
+            final = merged.output_dir
+            timings["merge"] = time.perf_counter() - t0
+        if final is None:
+            raise ConfigError("pipeline produced no model: include 'train' (or 'merge' with merge.models)")
+
+        # ---------------------------------------------------------------- evaluate
+        evaluation = None
+        summary: dict[str, float] = {}
+        if "evaluate" in stages or "register" in stages:
+            from codiemb.evaluate.report import markdown_table
+            from codiemb.evaluate.suites import evaluate_model
+
+            t0 = time.perf_counter()
+            suite = (cfg.registry.gate.suite if cfg.registry else None) or cfg.evaluate.get("suite", "default")
+            evaluation = evaluate_model(final, suite=suite, data_dir=cfg.data.root, show_progress=False)
+            summary = {k: float(v) for k, v in evaluation["summary"].items() if isinstance(v, (int, float))}
+            parent.log_metrics({f"eval/{k}": v for k, v in summary.items()})
+            table = markdown_table(evaluation)
+            parent.log_text(table, "evaluation.md")
+            parent.log_text(json.dumps(evaluation, indent=1), "evaluation.json")
+            (root / "evaluation.md").write_text(table + "\n")
+            timings["evaluate"] = time.perf_counter() - t0
+
+        # ---------------------------------------------------------------- register + gate
+        registered = gate = None
+        if "register" in stages:
+            from codiemb.tracking.registry import log_model, promote, register
+
+            t0 = time.perf_counter()
+            name = cfg.registry.name if cfg.registry else cfg.run.name
+            parent.flush(force=True)
+            if not parent.run_id:
+                raise UserError(f"MLflow at {cfg.tracking.uri} is unreachable: the model stays at {final}; "
+                                f"run `codiemb register {root}` when it is back")
+            log_model(final, run_id=parent.run_id, config=cfg.to_dict(), metrics=summary,
+                      data={k: str(v) for k, v in models.items()})
+            version = register(parent.run_id, name)
+            registered = {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+            challenger_uri = f"models:/{name}/{version}"
+
+            def score(uri: str) -> dict[str, float]:
+                if uri == challenger_uri and summary:
+                    return summary  # just measured on the same suite: do not evaluate twice
+                from codiemb.tracking.registry import default_score_fn
+
+                return dict(default_score_fn(evaluation["suite"], cfg.data.root)(uri))
+
+            gate_cfg = cfg.registry.gate if cfg.registry else None
+            gate = promote(name, version, suite=evaluation["suite"], margin=gate_cfg.margin if gate_cfg else 0.1,
+                           score_fn=score)
+            parent.set_tags({"registered_model": name, "registered_version": version,
+                             "gate.decision": gate["decision"]})
+            timings["register"] = time.perf_counter() - t0
+
+        wall = time.perf_counter() - t_start
+        parent.log_metrics({f"time/{k}_s": v for k, v in timings.items()} | {"time/total_s": wall})
+        result = PipelineResult(model_dir=str(final), models=models, evaluation=evaluation, registered=registered,
+                                gate=gate, run_id=parent.run_id, sweep=sweep_info, wall_s=wall, stages_s=timings)
+        (root / "pipeline_result.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
+        return result
