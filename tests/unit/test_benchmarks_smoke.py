@@ -1,0 +1,126 @@
+"""Smoke tests for the throughput benchmark (so the script cannot rot) and its fast-batch helpers.
+
+The benchmark runs on the tiny model: 1 warm-up + 2 timed steps per side, one pair. The helpers
+are checked against independent references: ``Encoder.tokenize`` for the padded batches and
+torch's reference (for-loop) AdamW for the fused optimizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from codiemb.model.encoder import Encoder
+from codiemb.train.fast_batches import PretokenizedRetrieval, bucketed_order, make_adamw, pad_ids
+
+REPO = Path(__file__).resolve().parents[2]
+
+ROWS = [
+    {"query": "the cat runs", "positives": ["a cat runs in the house", "the cat"], "negatives": ["dog eats"]},
+    {"query": "protein cell", "positives": ["gene protein cell study shows high risk"], "negatives": ["sun", "moon x"]},
+    {"query": "a big red car is not a small blue car", "positives": ["car"], "negatives": ["tree water fire"]},
+]
+
+
+def _load_throughput():
+    spec = importlib.util.spec_from_file_location("throughput_bench", REPO / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["throughput_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretokenized_batch_equals_encoder_tokenize(tiny_model_dir):
+    enc = Encoder.load(str(tiny_model_dir))
+    pre = PretokenizedRetrieval.build(enc.tokenizer, ROWS, {"query": 6, "passage": 5}, num_positives=1, num_negatives=1)
+    idx = [2, 0, 1]
+    rng_a, rng_b = random.Random(7), random.Random(7)
+    qf, pf = pre.batch(idx, rng_a)
+    ref_q = enc.tokenize([ROWS[i]["query"] for i in idx], 6)
+    # the loop's choice rule: all positives/negatives when <= k, else rng.sample (same rng stream)
+    texts = []
+    for i in idx:
+        for field in ("positives", "negatives"):
+            items = ROWS[i][field]
+            texts += list(items[:1]) if len(items) <= 1 else rng_b.sample(items, 1)
+    ref_p = enc.tokenize(texts, 5)
+    for got, ref in ((qf, ref_q), (pf, ref_p)):
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k
+    # padded to the batch maximum, not to max_length: one short batch
+    short_q, _ = pre.batch([0])
+    assert short_q["input_ids"].shape[1] == int(enc.tokenize([ROWS[0]["query"]], 6)["attention_mask"].sum())
+
+
+def test_pad_ids_right_pads_with_pad_id():
+    out = pad_ids([[5, 6, 7], [8]], pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_bucketed_order_is_a_partition_with_similar_lengths():
+    lengths = [random.Random(i).randint(1, 300) for i in range(64)]
+    batches = bucketed_order(lengths, 8, bucket_size=8, seed=3)  # one window: a full sort
+    assert sorted(i for b in batches for i in b) == list(range(64))
+    spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+    for (lo1, hi1), (lo2, hi2) in zip(spans, spans[1:]):
+        assert hi1 <= lo2  # batches cut from one sorted run do not overlap in length
+    plain = bucketed_order(lengths, 8, bucket_size=1, seed=3)
+    pad = lambda bs: sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)  # noqa: E731
+    assert pad(batches) < pad(plain)
+
+
+def test_make_adamw_fused_matches_reference_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4))
+    b = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4))
+    b.load_state_dict(a.state_dict())
+    opt_a = make_adamw(a, 1e-2, 0.1, "cpu", fused=True)
+    # reference: the for-loop implementation, same groups (decay only on the 2-D weight)
+    opt_b = torch.optim.AdamW([{"params": [b[0].weight], "weight_decay": 0.1},
+                               {"params": [b[0].bias, b[1].weight, b[1].bias], "weight_decay": 0.0}],
+                              lr=1e-2, foreach=False)
+    assert opt_a.defaults.get("fused") is True
+    x = torch.randn(5, 6)
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_throughput_script_runs_two_steps_per_side(tiny_model_dir, shared_data, capsys, tmp_path):
+    pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    tp = _load_throughput()
+    argv = ["--model", str(tiny_model_dir), "--dataset", "scifact", "--data-root", str(shared_data),
+            "--batch-size", "4", "--steps", "2", "--warmup", "1", "--pairs", "1", "--threads", "1",
+            "--query-max-length", "16", "--passage-max-length", "32", "--max-rows", "24"]
+    out_json = tmp_path / "res.json"
+    assert tp.main(argv + ["--json", str(out_json)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "command: python benchmarks/throughput.py " + " ".join(argv + ["--json", str(out_json)])
+    assert "same batches check" in "\n".join(out) and out[[i for i, l in enumerate(out)
+                                                           if "same batches check" in l][0]].endswith("yes")
+    last = out[-1]
+    assert last.startswith("ratio ours/peer samples/s: ")
+    # the printed ratio is ours/peer from the table row
+    row = next(l for l in out if l.startswith("| 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ours, peer, ratio = float(cells[1]), float(cells[2]), float(cells[3])
+    assert ours > 0 and peer > 0
+    assert abs(ours / peer - ratio) < 0.01 + 0.01 * ratio
+    assert last == f"ratio ours/peer samples/s: {ratio:.2f}"  # median of one pair
+    res = json.loads(out_json.read_text())
+    assert res["same_tokens"] is True
+    assert res["pairs"][0]["samples"] == 4 * 2  # timed samples: batch x timed steps
+    assert res["pairs"][0]["ours_all_tokens"] > 0
