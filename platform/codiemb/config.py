@@ -174,6 +174,27 @@ class MergeConfig(Strict):
     models: list[MergeModelConfig] = []
     parameters: dict[str, Any] = {}  # e.g. gamma, lam, density, drop_p, t, granularity
     output: str | None = None
+    evaluate: bool = False  # score the merge on the dev sets (fast pool, see tune.dev) into merge_report.json
+    probe_size: int = Field(32, ge=1)  # self_positioning: examples per task (IR pairs, STS pairs) in the probe
+
+
+class TuneDevConfig(Strict):
+    """The fast dev scoring of a merge trial (``merge/evaluate_merge.py``).
+
+    SciFact dev nDCG@10 is computed over a fixed candidate pool (every dev-relevant document plus
+    the top ``bm25_candidates`` BM25 and top ``dense_candidates`` documents per dev query of each
+    miner) instead of the whole corpus; STS-B dev on at most ``sts_max_pairs`` fixed pairs.
+    """
+
+    sts_max_pairs: int | None = Field(None, ge=2)  # None: every dev pair
+    bm25_candidates: int = Field(10, ge=0)
+    dense_candidates: int = Field(10, ge=0)
+    miners: Literal["base", "all", "none"] = "base"  # dense miners: the base, the base and every model, none
+    mine_max_length: int | None = Field(128, ge=8)  # doc length when mining the full corpus (once, cached)
+    doc_max_length: int | None = Field(None, ge=8)  # doc length when scoring; default model.max_length.passage
+    batch_size: int = Field(64, ge=1)
+    cache_dir: str | None = None  # default <storage.path>/.cache/devpool
+    reference: bool = True  # also score the base and each model (table + plot), before the trials
 
 
 class TuneConfig(Strict):
@@ -184,8 +205,14 @@ class TuneConfig(Strict):
     objective: Literal["weighted", "pareto"] = "weighted"
     objective_weights: dict[str, float] = {"sts": 0.5, "retrieval": 0.5}
     space: dict[str, Any] = {}  # name -> {type: uniform|loguniform|int|choice, ...}
-    asha: dict[str, Any] = {}
+    asha: dict[str, Any] = {}  # loss search: max_t, grace_period, reduction_factor (reports = rungs)
     resume: bool = True
+    name: str | None = None  # experiment folder under <storage.path>/tune; default <run.name>-<search>-search
+    trial_cpus: float | None = Field(None, ge=0)  # per trial; default 1 (merge), 0.1 (loss: its TorchTrainer's workers hold the CPUs)
+    max_failures: int = Field(0, ge=0)  # retries of a crashed trial before it is recorded as failed
+    seed: int | None = None  # sampler seed; default run.seed
+    output: str | None = None  # where the best merge is written; default <experiment>/best-model
+    dev: TuneDevConfig = TuneDevConfig()
 
 
 class GateConfig(Strict):
