@@ -80,6 +80,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- merge / tune
+def cmd_merge(args: argparse.Namespace) -> int:
+    from codiemb.merge.run import main as merge_main
+
+    return merge_main(args.config, args.overrides, output=args.output)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from codiemb.tune.driver import main as tune_main
+
+    return tune_main(args.config, args.overrides)
+
+
 # --------------------------------------------------------------------------- pipeline / quickstart
 def _print_pipeline(result, cfg) -> None:
     from codiemb.evaluate.report import markdown_table
@@ -216,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in the output folder")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (same as --set tracking.enabled=false)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge models (soups, task arithmetic, TIES, DARE, SLERP, delta-guided, Self Positioning)")
+    _config_args(p)
+    p.add_argument("--output", help="output folder (default: merge.output or <storage.path>/<run.name>-merged)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("tune", help="Ray Tune + Optuna search over merge coefficients or loss weights")
+    _config_args(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("pipeline", help="train -> merge search -> evaluate -> register -> gate, as one MLflow run")
     _config_args(p)
