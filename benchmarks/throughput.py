@@ -4,14 +4,16 @@
 
 Both sides train the same model (each its own copy, same starting weights) on the SAME batches
 (same rows, same order, same batch size, same max lengths: queries 64 tokens, passages 256), on
-the same hardware, in ONE process. The run alternates blocks, ours then the peer's, ``--pairs``
-times, so a load change on the machine hits both sides. Each block runs ``--warmup`` steps that
-are not timed, then ``--steps`` timed steps; samples/s = steps * batch / seconds.
+the same hardware, in ONE process, interleaved step by step: the peer's trainer runs, and after
+each of its steps a callback runs our step on the same batch, so a load change on the machine
+hits both sides alike. The first ``--warmup`` steps of each side are not timed; then every
+``--steps`` steps form a pair, whose samples/s are steps * batch / seconds for each side.
 
 - ours: the data pipeline's tokenize step runs once over all rows (``tokenize_batch``, as Ray
   Data's ``map_batches`` does; its one-time cost is printed), then each step pads the
-  pre-tokenized ids to the batch maximum (``codiemb.train.fast_batches``), runs the encoder on
-  queries and passages, multi-positive InfoNCE (``codiemb.losses.ir.info_nce``), backward,
+  pre-tokenized ids (``codiemb.train.fast_batches``) and runs the encoder on queries and passages
+  packed into ONE unpadded sequence (``codiemb.train.unpadded``: no compute on padding;
+  ``--ours-attn padded``: two forwards padded to the batch maximum), multi-positive InfoNCE (``codiemb.losses.ir.info_nce``), backward,
   gradient clipping (1.0) and AdamW (fused where torch has it) with a linear schedule.
   ``--ours-tokenize per-step`` runs ``codiemb.train.loop.retrieval_loss`` instead (it tokenizes
   every step), and ``--ours-adamw foreach`` the non-fused AdamW: that is how each speed-up is measured.
@@ -19,8 +21,8 @@ are not timed, then ``--steps`` timed steps; samples/s = steps * batch / seconds
   optimizer (AdamW, fused), ``max_grad_norm`` 1.0, linear schedule, its data loader and collator
   (tokenizing each step, queries at 64 tokens and passages at 256 through the collator's
   per-column ``max_length``), fed the same rows in the same order by a sequential batch sampler.
-  A block's timing runs from the end of its last warm-up step to the end of its last step
-  (``on_step_end``), so the trainer's setup is excluded and its per-step overhead is included.
+  A peer step is timed from the return of our previous step to the peer's ``on_step_end``: its
+  data loading, collation, forward, backward, optimizer and logging are in, its setup is out.
 
 The last line reads ``ratio ours/peer samples/s: X.XX``, the median over the pairs of the
 per-pair ratio.
@@ -67,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="scifact", choices=sorted(DATASETS))
     p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per block")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every block (>= 1)")
-    p.add_argument("--pairs", type=int, default=5, help="blocks per side, interleaved ours, peer, ours, ...")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per pair")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start (>= 1)")
+    p.add_argument("--pairs", type=int, default=5, help="pairs of --steps timed steps (the ratio's median runs over them)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--query-max-length", type=int, default=64)
     p.add_argument("--passage-max-length", type=int, default=256)
@@ -77,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="length bucketing window in batches for the shared batch plan (1: plain shuffle)")
     p.add_argument("--ours-tokenize", choices=["pretok", "per-step"], default="pretok")
     p.add_argument("--ours-adamw", choices=["fused", "foreach"], default="fused")
+    p.add_argument("--ours-attn", choices=["unpadded", "padded"], default="unpadded",
+                   help="unpadded: queries and passages packed into one sequence, no compute on padding "
+                        "(codiemb.train.unpadded; needs --ours-tokenize pretok and a BERT backbone)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -140,6 +145,14 @@ class Ours:
         total = opts.pairs * (opts.warmup + opts.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda u: max(0.0, 1.0 - u / total))
         self.params = [p for p in self.encoder.parameters() if p.requires_grad]
+        self.unpadded = None
+        if opts.ours_attn == "unpadded" and self.pretok is not None and self.encoder.pooling == "mean":
+            from codiemb.train.unpadded import UnpaddedBert, resolve_backend
+
+            try:
+                self.unpadded = UnpaddedBert(self.encoder.backbone, resolve_backend("auto", device))
+            except ValueError as exc:  # not a BERT-style backbone: the padded path
+                logging.getLogger(__name__).warning("unpadded path unavailable (%s); padding instead", exc)
         if self.pretok is None:
             from codiemb.config import config_from_dict
             from codiemb.train.loop import DistContext, TaskData
@@ -155,7 +168,16 @@ class Ours:
         from codiemb.losses.ir import info_nce
 
         rng = random.Random(self.opts.seed * 1_000_003 + step_no * 101)
-        if self.pretok is not None:
+        if self.unpadded is not None:
+            from codiemb.train.unpadded import mean_pool_packed, pack_lists
+
+            seqs = [self.pretok.query[i] for i in idx] + self.pretok.passage_ids(idx, rng)
+            packed = pack_lists(seqs).to(self.device)
+            emb = mean_pool_packed(self.unpadded(packed), packed)
+            q, p = emb[: len(idx)], emb[len(idx):].view(len(idx), 1 + self.n_neg, -1)
+            loss = info_nce(q, p, 1, temperature=0.02, gather=False)
+            tokens = int(packed.lengths.sum())
+        elif self.pretok is not None:
             qf, pf = self.pretok.batch(idx, rng)
             if self.device.type != "cpu":
                 qf = {k: v.to(self.device, non_blocking=True) for k, v in qf.items()}
@@ -211,20 +233,22 @@ class Peer:
             cols["negative"] = [self.rows[i]["negatives"][0] for i in idx]
         return cols
 
-    def block(self, batches: list[list[int]], first_step: int) -> dict:
+    def train(self, batches: list[list[int]], callback: TrainerCallback) -> int:
+        """One ``trainer.train()`` over ``batches`` in order; returns the non-pad tokens it encoded."""
         from datasets import Dataset
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
         from sentence_transformers.sentence_transformer import losses
         from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
         opts = self.opts
         flat = [i for b in batches for i in b]
         ds = Dataset.from_dict(self.columns(flat))
-        clock = StepClock(self.device)
         args = SentenceTransformerTrainingArguments(
             output_dir=self.tmp.name, per_device_train_batch_size=opts.batch_size, max_steps=len(batches),
             learning_rate=opts.lr, weight_decay=0.01, warmup_steps=0, lr_scheduler_type="linear",
             max_grad_norm=1.0, save_strategy="no", report_to="none", disable_tqdm=True, seed=opts.seed,
             use_cpu=self.device.type == "cpu", batch_sampler=SequentialBatchSampler, dataloader_drop_last=True,
+            bf16=bool(getattr(opts, "bf16", False)),
         )
         roles = {"anchor": "query", "positive": "document", "negative": "document"}
         seen = [0]
@@ -239,16 +263,50 @@ class Peer:
             max_length={"query": opts.query_max_length, "document": opts.passage_max_length})
         trainer = SentenceTransformerTrainer(model=self.model, args=args, train_dataset=ds,
                                              loss=losses.MultipleNegativesRankingLoss(self.model),
-                                             data_collator=collator, callbacks=[clock])
+                                             data_collator=collator, callbacks=[callback])
         trainer.train()
         self.optimizer_name = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                                    else trainer.optimizer).__name__ + f"({args.optim.value})"
-        w = opts.warmup
+        return seen[0]
+
+    def block(self, batches: list[list[int]], first_step: int = 0) -> dict:
+        """A block of its own (the GPU benchmark): warm-up steps, then timed steps."""
+        clock = StepClock(self.device)
+        tokens = self.train(batches, clock)
+        w = self.opts.warmup
         if len(clock.times) != len(batches):
             raise RuntimeError(f"peer ran {len(clock.times)} steps, expected {len(batches)}")
         dt = clock.times[-1] - clock.times[w - 1]
         n = sum(len(b) for b in batches[w:])
-        return {"seconds": dt, "samples": n, "all_tokens": seen[0]}
+        return {"seconds": dt, "samples": n, "all_tokens": tokens}
+
+
+class Interleave(TrainerCallback):
+    """Runs OUR step on the same batch right after each peer step, and times both.
+
+    The peer's step k is timed from the moment our step k-1 returned to the peer's ``on_step_end``
+    (its data loading, collation, forward, backward, clipping, optimizer and logging of the
+    previous step); ours from call to return. The peer's first step has no start mark: it is a
+    warm-up step.
+    """
+
+    def __init__(self, ours: "Ours", batches: list[list[int]], device: torch.device):
+        self.ours, self.batches, self.device = ours, batches, device
+        self.peer_s: list[float | None] = []
+        self.ours_s: list[float] = []
+        self.ours_tokens: list[int] = []
+        self._mark: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync(self.device)
+        now = time.perf_counter()
+        self.peer_s.append(now - self._mark if self._mark is not None else None)
+        k = state.global_step - 1
+        t0 = time.perf_counter()
+        self.ours_tokens.append(self.ours.step(self.batches[k], k))
+        _sync(self.device)
+        self.ours_s.append(time.perf_counter() - t0)
+        self._mark = time.perf_counter()
 
 
 class StepClock(TrainerCallback):
@@ -276,7 +334,7 @@ def _sync(device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- the run
 def run(opts) -> dict:
-    """Interleave ours and the peer's blocks; return per-pair numbers and the median ratio."""
+    """Interleave ours and the peer step by step; return per-pair numbers and the median ratio."""
     import datasets
     import transformers
 
@@ -297,30 +355,34 @@ def run(opts) -> dict:
     peer = Peer(opts.model, rows, n_neg, opts, device)
     # characters stand in for tokens, so every variant of ours gets the same plan
     lengths = [len(r["query"]) + len(r["positives"][0]) + sum(len(t) for t in r["negatives"][:n_neg]) for r in rows]
-    per_block = opts.warmup + opts.steps
-    plan = batch_plan(lengths, opts.batch_size, opts.pairs * per_block, bucket=opts.bucket, seed=opts.seed)
+    plan = batch_plan(lengths, opts.batch_size, opts.warmup + opts.pairs * opts.steps, bucket=opts.bucket,
+                      seed=opts.seed)
+    inter = Interleave(ours, plan, device)
+    peer_tokens = peer.train(plan, inter)
+    if len(inter.ours_s) != len(plan):
+        raise RuntimeError(f"peer ran {len(inter.ours_s)} steps, expected {len(plan)}")
     pairs = []
+    w, n = opts.warmup, opts.steps
     for k in range(opts.pairs):
-        batches = plan[k * per_block: (k + 1) * per_block]
-        a = ours.block(batches, k * per_block)
-        b = peer.block(batches, k * per_block)
-        pairs.append({"pair": k + 1, "ours_samples_per_s": a["samples"] / a["seconds"],
-                      "peer_samples_per_s": b["samples"] / b["seconds"],
-                      "ours_s": a["seconds"], "peer_s": b["seconds"], "samples": a["samples"],
-                      "nonpad_tokens": a["tokens"], "ours_all_tokens": a["all_tokens"],
-                      "peer_all_tokens": b["all_tokens"]})
+        sl = slice(w + k * n, w + (k + 1) * n)
+        samples = sum(len(b) for b in plan[sl])
+        ours_s, peer_s, tokens = sum(inter.ours_s[sl]), sum(inter.peer_s[sl]), sum(inter.ours_tokens[sl])
+        pairs.append({"pair": k + 1, "ours_samples_per_s": samples / ours_s, "peer_samples_per_s": samples / peer_s,
+                      "ours_s": ours_s, "peer_s": peer_s, "samples": samples, "nonpad_tokens": tokens,
+                      "ours_tokens_per_s": tokens / ours_s, "peer_tokens_per_s": tokens / peer_s})  # same tokens
         pairs[-1]["ratio"] = pairs[-1]["ours_samples_per_s"] / pairs[-1]["peer_samples_per_s"]
-        pairs[-1]["ours_tokens_per_s"] = a["tokens"] / a["seconds"]
-        pairs[-1]["peer_tokens_per_s"] = a["tokens"] / b["seconds"]  # same batches, same tokens
         print(f"pair {k + 1}: ours {pairs[-1]['ours_samples_per_s']:.2f}  peer {pairs[-1]['peer_samples_per_s']:.2f}"
               f"  ratio {pairs[-1]['ratio']:.2f}", flush=True)
+    same_tokens = sum(inter.ours_tokens) == peer_tokens
     import sentence_transformers
     import transformers
 
     return {
-        "pairs": pairs, "same_tokens": all(p["ours_all_tokens"] == p["peer_all_tokens"] for p in pairs), "median_ratio": statistics.median(p["ratio"] for p in pairs),
+        "pairs": pairs, "same_tokens": same_tokens, "ours_all_tokens": sum(inter.ours_tokens),
+        "peer_all_tokens": peer_tokens, "step_seconds": {"ours": inter.ours_s, "peer": inter.peer_s}, "median_ratio": statistics.median(p["ratio"] for p in pairs),
         "ours_pretokenize_s": ours.pretokenize_s, "rows": len(rows),
-        "ours_optimizer": ours.optimizer_name, "peer_optimizer": peer.optimizer_name,
+        "ours_optimizer": ours.optimizer_name,
+        "ours_attn": f"unpadded ({ours.unpadded.backend})" if ours.unpadded is not None else "padded", "peer_optimizer": peer.optimizer_name,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__,
                 "sentence_transformers": sentence_transformers.__version__, "threads": torch.get_num_threads(),
                 "cpu": _platform.processor() or _platform.machine(), "device": str(device),
@@ -333,14 +395,13 @@ def format_report(res: dict) -> str:
     o = res["options"]
     lines = [
         f"model {o['model']}  dataset {o['dataset']}  batch {o['batch_size']}  max_length q{o['query_max_length']}"
-        f"/p{o['passage_max_length']}  steps {o['steps']} timed + {o['warmup']} warm-up per block  pairs {o['pairs']}",
+        f"/p{o['passage_max_length']}  {o['warmup']} warm-up steps, then {o['pairs']} pairs of {o['steps']} timed steps",
         f"env {json.dumps(res['env'])}",
-        f"ours: tokenize={o['ours_tokenize']} optimizer={res['ours_optimizer']}"
+        f"ours: tokenize={o['ours_tokenize']} attention={res['ours_attn']} optimizer={res['ours_optimizer']}"
         f"  (one-time pre-tokenization of {res['rows']} rows: {res['ours_pretokenize_s']:.2f} s)",
         f"peer: SentenceTransformerTrainer + MultipleNegativesRankingLoss, optimizer={res['peer_optimizer']}",
-        "same batches check (non-pad tokens fed to the encoder, every step of every block, ours == peer): "
-        + ("yes" if res["same_tokens"] else "NO: " + ", ".join(
-            f"{p['ours_all_tokens']}!={p['peer_all_tokens']}" for p in res["pairs"])),
+        "same batches check (non-pad tokens fed to the encoder over all steps, ours == peer): "
+        + ("yes" if res["same_tokens"] else f"NO: {res['ours_all_tokens']} != {res['peer_all_tokens']}"),
         "",
         "| pair | ours samples/s | peer samples/s | ratio | ours non-pad tok/s | peer non-pad tok/s |",
         "|---:|---:|---:|---:|---:|---:|",

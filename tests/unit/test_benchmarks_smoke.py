@@ -28,6 +28,14 @@ ROWS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The benchmarks call torch.set_num_threads; leave the test process as it was."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _load_throughput():
     spec = importlib.util.spec_from_file_location("throughput_bench", REPO / "benchmarks" / "throughput.py")
     module = importlib.util.module_from_spec(spec)
@@ -123,4 +131,52 @@ def test_throughput_script_runs_two_steps_per_side(tiny_model_dir, shared_data, 
     res = json.loads(out_json.read_text())
     assert res["same_tokens"] is True
     assert res["pairs"][0]["samples"] == 4 * 2  # timed samples: batch x timed steps
-    assert res["pairs"][0]["ours_all_tokens"] > 0
+    assert res["ours_all_tokens"] == res["peer_all_tokens"] > 0
+    assert len(res["step_seconds"]["ours"]) == len(res["step_seconds"]["peer"]) == 1 + 2  # warm-up + timed
+
+
+def test_unpadded_forward_equals_padded_encoder(tiny_model_dir):
+    from codiemb.train.unpadded import UnpaddedBert, mean_pool_packed, pack_lists, pack_padded
+
+    enc = Encoder.load(str(tiny_model_dir)).eval()
+    texts = ["the cat runs in the house", "a dog", "protein cell gene study shows high risk of cancer"]
+    feats = enc.tokenize(texts, 12)
+    ref = enc(feats)["embedding"]
+    model = UnpaddedBert(enc.backbone, "reference").eval()
+    packed = pack_padded(feats)
+    assert packed.cu_seqlens.tolist() == [0] + torch.cumsum(feats["attention_mask"].sum(1), 0).tolist()
+    assert packed.position_ids.tolist()[: int(packed.lengths[0])] == list(range(int(packed.lengths[0])))
+    got = mean_pool_packed(model(packed), packed)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # the same from id lists, and gradients flow to the backbone's weights
+    ids = [row[row != enc.tokenizer.pad_token_id].tolist() for row in feats["input_ids"]]
+    packed2 = pack_lists(ids)
+    emb = mean_pool_packed(model(packed2), packed2)
+    torch.testing.assert_close(emb, ref, rtol=1e-5, atol=1e-5)
+    emb.sum().backward()
+    assert enc.backbone.encoder.layer[0].attention.self.query.weight.grad is not None
+
+
+def test_gpu_bench_logic_on_cpu_tiny(shared_data, tmp_path):
+    """bench_gpu.py end to end on CPU with the tiny geometry: prepare, run, tables and JSON written."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "benchmarks" / "gpu" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assets, out = tmp_path / "assets", tmp_path / "out"
+    assert bench.main(["prepare", "--assets", str(assets), "--data-root", str(shared_data)]) == 0
+    assert bench.main(["run", "--tiny", "--device", "cpu", "--threads", "1", "--assets", str(assets),
+                       "--work", str(tmp_path / "work"), "--out", str(out), "--datasets", "snli",
+                       "--steps", "1", "--warmup", "1", "--pairs", "1", "--max-rows", "40"]) == 0
+    res = json.loads((out / "gpu_throughput_tiny-cpu.json").read_text())
+    snli = res["datasets"]["snli"]
+    assert snli["same_batches"] == "yes" and snli["errors"] == {}
+    sides = {s["side"]: s for s in snli["summary"]}
+    assert set(sides) == {"varlen", "sdpa_bucketed", "peer"}
+    for name in ("varlen", "sdpa_bucketed"):
+        ratio = sides[name]["per_pair_samples_per_s"][0] / sides["peer"]["per_pair_samples_per_s"][0]
+        assert sides[name]["ratio_vs_peer"] == pytest.approx(ratio)
+    # MFU formula on a hand-computed case: 6·N·T + 12·layers·d·ΣL²
+    assert bench.step_flops(10, 2, 4, [3, 5]) == 6 * 10 * 8 + 12 * 2 * 4 * (9 + 25)
+    assert "ours: varlen" in (out / "gpu_throughput_tiny-cpu.md").read_text()

@@ -1,0 +1,168 @@
+"""Unpadded ("packed", variable-length) forward for BERT encoders: no compute on padding.
+
+A batch of B texts with lengths L_1..L_B becomes ONE row of T = Σ L_i tokens. Every linear
+layer, LayerNorm and GELU then runs on T tokens instead of B·max(L) (SciFact passages: ~2x
+fewer), and attention is block-diagonal: token t of text i attends only to the tokens of text i,
+given by the cumulative lengths ``cu_seqlens = [0, L_1, L_1+L_2, ..., T]`` (the FlashAttention-2
+varlen interface, Dao 2023, arXiv 2307.08691). Positions restart at 0 for every text, so the
+result equals the padded forward token for token (``tests/unit/test_benchmarks_smoke.py``).
+
+Attention backends, first available wins (``backend="auto"``):
+``flash_attn.flash_attn_varlen_func`` (the flash-attn package; CUDA, fp16/bf16; attention dropout
+supported), ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA; no attention dropout),
+and ``reference``: scaled_dot_product_attention per text (any device; for tests and CPU).
+
+The module reads the weights of a Hugging Face ``BertModel`` (``embeddings``, ``encoder.layer``):
+training it trains that backbone, and the backbone still saves and loads as usual. The pooler
+is not run (mean pooling does not use it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Packed:
+    """A batch without padding: ``input_ids``/``position_ids`` (T,), ``seq_ids`` (T,) the text of
+    each token, ``cu_seqlens`` (B+1,) int32, ``lengths`` (B,), ``max_len``."""
+
+    input_ids: Tensor
+    position_ids: Tensor
+    seq_ids: Tensor
+    cu_seqlens: Tensor
+    lengths: Tensor
+    max_len: int
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.numel())
+
+    def to(self, device, non_blocking: bool = True) -> "Packed":
+        return Packed(*(t.to(device, non_blocking=non_blocking) for t in
+                        (self.input_ids, self.position_ids, self.seq_ids, self.cu_seqlens, self.lengths)),
+                      self.max_len)
+
+
+def pack_lists(seqs: list[list[int]]) -> Packed:
+    """Pack pre-tokenized id lists (no padding is ever built)."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
+    return _packed(ids, lengths)
+
+
+def pack_padded(features: dict[str, Tensor]) -> Packed:
+    """Pack a right-padded batch ``{"input_ids", "attention_mask"}``."""
+    mask = features["attention_mask"].bool()
+    return _packed(features["input_ids"][mask], mask.sum(dim=1).to(torch.int64))
+
+
+def _packed(ids: Tensor, lengths: Tensor) -> Packed:
+    if lengths.numel() == 0 or int(lengths.min()) < 1:
+        raise ValueError("every text needs at least one token")
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    seq_ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    starts = cu[:-1].to(torch.int64)[seq_ids]
+    positions = torch.arange(ids.numel(), dtype=torch.int64) - starts
+    return Packed(ids, positions, seq_ids, cu, lengths, int(lengths.max()))
+
+
+def available_backends() -> list[str]:
+    out = []
+    try:
+        import flash_attn  # noqa: F401
+
+        out.append("flash_attn")
+    except Exception:  # noqa: BLE001 - any import problem means "not available"
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+        out.append("torch_varlen")
+    except Exception:  # noqa: BLE001
+        pass
+    out.append("reference")
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        for b in available_backends():
+            if b != "reference":
+                return b
+    return "reference"
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, *, backend: str,
+                     dropout_p: float = 0.0) -> Tensor:
+    """Block-diagonal softmax(q kᵀ/√d) v over packed (T, H, d) tensors; returns (T, H, d)."""
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p, causal=False)
+    if backend == "torch_varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len)
+    if backend == "reference":
+        outs = []
+        bounds = cu.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            qi, ki, vi = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, L, d)
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p)[0].transpose(0, 1))
+        return torch.cat(outs)
+    raise ValueError(f"unknown varlen attention backend {backend!r}")
+
+
+class UnpaddedBert(nn.Module):
+    """Packed forward over a Hugging Face ``BertModel``'s own modules: ``Packed`` -> (T, D) token states."""
+
+    def __init__(self, backbone: nn.Module, backend: str = "auto"):
+        super().__init__()
+        if not (hasattr(backbone, "embeddings") and hasattr(backbone, "encoder")
+                and hasattr(backbone.encoder, "layer")):
+            raise ValueError("UnpaddedBert needs a BERT-style backbone (embeddings + encoder.layer)")
+        self.backbone = backbone
+        cfg = backbone.config
+        self.num_heads = int(cfg.num_attention_heads)
+        self.head_dim = int(cfg.hidden_size) // self.num_heads
+        self.attn_dropout = float(getattr(cfg, "attention_probs_dropout_prob", 0.0))
+        self.backend = backend
+
+    def forward(self, packed: Packed) -> Tensor:
+        emb = self.backbone.embeddings
+        backend = resolve_backend(self.backend, packed.input_ids.device)
+        x = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids) \
+            + emb.token_type_embeddings.weight[0]
+        x = emb.dropout(emb.LayerNorm(x))
+        T = x.shape[0]
+        drop = self.attn_dropout if self.training and backend != "torch_varlen" else 0.0
+        for layer in self.backbone.encoder.layer:
+            sa = layer.attention.self
+            w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
+            b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+            q, k, v = F.linear(x, w, b).view(T, 3, self.num_heads, self.head_dim).unbind(1)
+            if q.dtype == torch.float32 and backend != "reference":  # flash kernels take fp16/bf16
+                q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+            a = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_len, backend=backend, dropout_p=drop)
+            a = a.reshape(T, -1).to(x.dtype)
+            ao = layer.attention.output
+            x = ao.LayerNorm(ao.dropout(ao.dense(a)) + x)
+            h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+            o = layer.output
+            x = o.LayerNorm(o.dropout(o.dense(h)) + x)
+        return x
+
+
+def mean_pool_packed(states: Tensor, packed: Packed) -> Tensor:
+    """(T, D) token states -> (B, D) mean per text, summed in float32 (as ``pooling.mean_pool``)."""
+    sums = torch.zeros(packed.batch_size, states.shape[-1], dtype=torch.float32, device=states.device)
+    sums.index_add_(0, packed.seq_ids, states.float())
+    return (sums / packed.lengths.to(states.device, torch.float32).unsqueeze(1)).to(states.dtype)
