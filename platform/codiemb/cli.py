@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from codiemb.merge.run import main as merge_main
 
-    return merge_main(args.config, args.overrides, output=args.output)
+    return merge_main(args.config, args.overrides, output=args.output, evaluate=args.evaluate)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge models (soups, task arithmetic, TIES, DARE, SLERP, delta-guided, Self Positioning)")
     _config_args(p)
     p.add_argument("--output", help="output folder (default: merge.output or <storage.path>/<run.name>-merged)")
+    p.add_argument("--evaluate", action="store_true", default=None, help="add fast dev scores to merge_report.json")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("tune", help="Ray Tune + Optuna search over merge coefficients or loss weights")

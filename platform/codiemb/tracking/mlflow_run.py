@@ -53,6 +53,13 @@ _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b")
 
 
+def metric_key(key: Any) -> str:
+    """MLflow metric names allow ``[A-Za-z0-9_\-. /]``: ``ndcg@10`` becomes ``ndcg_at_10``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(key).replace("@", "_at_"))
+
+
 def is_secret_key(key: str) -> bool:
     """True for names such as AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, hf_token, api-key."""
     return bool(_SECRET_KEY.search(str(key)))
@@ -214,7 +221,7 @@ class SafeLogger:
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             try:
-                self._metrics.append((str(key), float(value), now, int(step or 0)))
+                self._metrics.append((metric_key(key), float(value), now, int(step or 0)))
             except (TypeError, ValueError):
                 log.warning("metric %s=%r is not a number; not logged", key, value)
         overflow = len(self._metrics) - self.max_buffer
