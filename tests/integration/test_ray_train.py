@@ -110,7 +110,12 @@ def test_two_workers_equal_one_process_with_double_batch(ray_local, tmp_path, ti
     for n, p in enc.named_parameters():
         if p.grad is None:
             continue
-        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+        # elementwise rtol 1e-4; entries that are sums with heavy cancellation (e.g. the single
+        # token-type row) get an absolute floor at 1e-5 of the tensor's largest gradient
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=max(1e-7, 1e-5 * scale),
+                                   msg=lambda m, n=n: f"{n}: {m}")
+        assert torch.linalg.norm(got["grads"][n] - p.grad) <= 1e-4 * torch.linalg.norm(p.grad) + 1e-9, n
         n_checked += 1
     assert n_checked > 10
 
