@@ -42,7 +42,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
         return
     # On small machines declare more logical CPUs so Train workers and Data tasks do not starve.
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), log_to_driver=True)
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
