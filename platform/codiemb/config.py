@@ -136,6 +136,7 @@ class TrainConfig(Strict):
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: only at the end
+    eval_at_end: bool = True  # score the dev sets (data.dev) after the last step
     log_every: int = 10
     output: str | None = None  # default: <storage.path>/<run.name>
 

@@ -417,7 +417,7 @@ def train(
     if ctx.is_main and finished:
         encoder.eval()
         encoder.save(model_dir)
-        if cfg.data.dev is not None and os.environ.get("CODIEMB_SKIP_DEV") != "1":
+        if cfg.data.dev is not None and cfg.train.eval_at_end and os.environ.get("CODIEMB_SKIP_DEV") != "1":
             dev = evaluate_dev(encoder, cfg)
             if dev:
                 callbacks.on_log(step + 1, {f"dev/{k}": v for k, v in dev.items()})
