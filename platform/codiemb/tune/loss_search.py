@@ -232,7 +232,7 @@ def run_loss_search(cfg: Config) -> SweepResult:
         from codiemb.tracking.mlflow_run import start_run
 
         parent_ctx = start_run(cfg, run_id=parent_run_id(exp_path) if restoring else None, run_name=name,
-                               tags={"codiemb.kind": "loss-search"})
+                               tags={"codiemb.kind": "loss-search"}, nested=_inside_a_run())
     with (parent_ctx or contextlib.nullcontext()) as parent:
         if parent is not None:
             parent.flush(force=True)
@@ -303,3 +303,10 @@ def run_loss_search(cfg: Config) -> SweepResult:
 
 def _max_reports(row: dict, rows: list[dict]) -> int:
     return max((r.get("training_iteration") or 0) for r in rows)
+
+
+def _inside_a_run() -> bool:
+    """True inside the pipeline's parent run: the sweep's run is then nested under it."""
+    import mlflow
+
+    return mlflow.active_run() is not None

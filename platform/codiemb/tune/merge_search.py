@@ -146,7 +146,7 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
         from codiemb.tracking.mlflow_run import start_run
 
         parent_ctx = start_run(cfg, run_id=parent_run_id(exp_path) if restoring else None, run_name=name,
-                               tags={"codiemb.kind": "merge-search"})
+                               tags={"codiemb.kind": "merge-search"}, nested=_inside_a_run())
     import contextlib
 
     with (parent_ctx or contextlib.nullcontext()) as parent:
@@ -228,3 +228,10 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
 
 
 __all__ = ["merge_trial", "run_merge_search"]
+
+
+def _inside_a_run() -> bool:
+    """True inside the pipeline's parent run: the sweep's run is then nested under it."""
+    import mlflow
+
+    return mlflow.active_run() is not None
