@@ -12,30 +12,9 @@ from codiemb.errors import ModelError
 from codiemb.model.encoder import LATENT_MODULE_DIR, LATENT_MODULE_TYPE, Encoder
 from codiemb.model.pooling import LatentAttentionPooling, pool
 
-def _tiny_dir(tiny_model_dir, tmp_path_factory):
-    """The shared tiny BERT, rebuilt from its own vocab.txt when its tokenizer lost the vocabulary.
-
-    (conftest passes ``vocab_file=`` to BertTokenizerFast, which transformers 5 ignores: the saved
-    tokenizer then knows only the 5 special tokens and every word is [UNK], so all texts of equal
-    length embed identically.) Inert once the fixture is fixed.
-    """
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    if AutoTokenizer.from_pretrained(str(tiny_model_dir)).vocab_size > 5:
-        return tiny_model_dir
-    folder = tmp_path_factory.mktemp("tiny-bert-vocab")
-    tok = BertTokenizerFast(vocab=str(tiny_model_dir / "vocab.txt"), do_lower_case=True)
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_model_dir, tmp_path_factory):
-    return _tiny_dir(tiny_model_dir, tmp_path_factory)
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 TEXTS = ["the cat sleeps", "a big red dog runs in the house", "water", "the man reads a good study on cancer risk"]

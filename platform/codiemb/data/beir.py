@@ -30,14 +30,15 @@ def doc_text(row: dict) -> str:
     return f"{title} {text}".strip() if title else text
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line is a DataError naming file and line."""
     rows = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
             try:
-                rows.append(json.loads(raw.decode("utf-8")))
+                rows.append((lineno, json.loads(raw.decode("utf-8"))))
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{lineno}: line is not valid UTF-8") from None
             except json.JSONDecodeError as exc:
@@ -60,6 +61,10 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
             except ValueError:
                 raise DataError(f"{path}:{lineno}: score {score!r} is not a number") from None
     return qrels
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl(path)]
 
 
 def load_beir(folder: str | Path, split: str = "test") -> BeirSplit:

@@ -6,7 +6,6 @@ against the gold scores); the main score is the Spearman correlation.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,18 +26,9 @@ def read_sts_pairs(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: STS file not found")
-    rows = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{lineno}: line is not valid UTF-8") from None
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            rows.append(_check_pair(row, f"{path}:{lineno}"))
+    from codiemb.data.beir import read_jsonl
+
+    rows = [_check_pair(row, f"{path}:{lineno}") for lineno, row in read_jsonl(path)]
     if len(rows) < 2:
         raise DataError(f"{path}: needs at least 2 STS pairs, found {len(rows)}")
     return rows
