@@ -281,6 +281,53 @@ def _logged_model_id(client, run_id: str, artifact_path: str) -> str | None:
     return models[0].model_id if models else None
 
 
+#: Tag ``train_tracked`` puts on its run: the local folder with ``mlflow_run_id.txt`` and ``model/``.
+OUTPUT_DIR_TAG = "codiemb.output_dir"
+
+
+def run_model_folder(client, run_id: str) -> Path | None:
+    """The model folder a run left on this machine, or None.
+
+    The folder comes from the run's ``codiemb.output_dir`` tag and counts only when its
+    ``mlflow_run_id.txt`` names this very run (a folder reused by another run does not).
+    """
+    from codiemb.tracking.train_run import RUN_ID_FILE
+
+    tag = client.get_run(run_id).data.tags.get(OUTPUT_DIR_TAG)
+    if not tag:
+        return None
+    root = Path(tag)
+    id_file = root / RUN_ID_FILE
+    if not id_file.is_file() or id_file.read_text().strip() != run_id:
+        return None
+    if (root / "model" / "modules.json").is_file():
+        return root / "model"
+    try:
+        return Path(find_model_folder(root))
+    except ModelError:
+        return None
+
+
+def _log_left_behind_model(client, run_id: str, name: str, artifact_path: str, tracking_uri: str | None) -> str:
+    """Log the model a run left in its output folder (MLflow was unreachable when training ended)."""
+    import mlflow
+
+    folder = run_model_folder(client, run_id)
+    if folder is None:
+        raise UserError(f"run {run_id} has no logged model named {artifact_path!r} and no run folder of it is on "
+                        f"this machine; log it from its run folder: codiemb register RUN_FOLDER --name {name}")
+    log.warning("run %s has no logged model (MLflow was unreachable when it ended); logging %s now", run_id, folder)
+    metrics = dict(client.get_run(run_id).data.metrics) or None
+    previous = mlflow.get_tracking_uri()
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return log_model(folder, artifact_path, run_id=run_id, metrics=metrics).model_id
+    finally:
+        if tracking_uri:
+            mlflow.set_tracking_uri(previous)
+
+
 def register(run_id: str, name: str, artifact_path: str = DEFAULT_ARTIFACT_PATH, *, alias: str = CHALLENGER,
              tracking_uri: str | None = None, attempts: int = 4, backoff: float = 1.0,
              timeout: float = 5.0) -> str:
@@ -288,6 +335,9 @@ def register(run_id: str, name: str, artifact_path: str = DEFAULT_ARTIFACT_PATH,
 
     Idempotent: a version of ``name`` already made from this run's model is reused. Transient
     failures retry with backoff, then one UserError line (run ``codiemb register RUN`` later).
+    A run whose model never reached MLflow (the server was away when training ended) gets it
+    logged here from the run's output folder, when that folder is on this machine
+    (:func:`run_model_folder`).
     """
     from mlflow.exceptions import MlflowException
 
@@ -312,8 +362,9 @@ def register(run_id: str, name: str, artifact_path: str = DEFAULT_ARTIFACT_PATH,
             mv = max(existing, key=lambda v: int(v.version))
             log.info("run %s is already version %s of %s; reusing it", run_id, mv.version, name)
         else:
-            if model_id is None:
-                raise UserError(f"run {run_id} has no logged model named {artifact_path!r} (log_model first)")
+            if model_id is None:  # training ended while MLflow was away: log the folder it left
+                model_id = _log_left_behind_model(client, run_id, name, artifact_path, tracking_uri)
+                source = f"models:/{model_id}"
             mv = client.create_model_version(name, source, run_id=run_id, model_id=model_id,
                                              tags={"codiemb.artifact_path": artifact_path})
         client.set_registered_model_alias(name, alias, str(mv.version))

@@ -71,6 +71,10 @@ def train_tracked(cfg: Config, *, local: bool, resume: bool = True, nested: bool
     with start_run(cfg, run_id=previous, nested=nested) as logger:
         if logger.run_id:
             id_file.write_text(logger.run_id)
+        from codiemb.tracking.registry import OUTPUT_DIR_TAG
+
+        # where the model stays if it cannot be logged: `codiemb register RUN_ID` looks here later
+        logger.set_tags({OUTPUT_DIR_TAG: str(root.resolve())})
         result = _train(cfg, local, resume, logger)
         logger.log_params({f"data.{name}.{k}": v for name, c in (result.data_counts or {}).items()
                            for k, v in c.items()})
@@ -93,7 +97,8 @@ def train_tracked(cfg: Config, *, local: bool, resume: bool = True, nested: bool
                 _log_model(result.model_dir, run_id=logger.run_id, config=cfg.to_dict(),
                            metrics={k: float(v) for k, v in final.items()}, data=result.data_counts)
             except UserError as exc:  # server down: the model stays in the run's storage
-                log.warning("%s", exc)
+                name = cfg.registry.name if cfg.registry else cfg.run.name  # as the pipeline names it
+                log.warning("%s; once MLflow is back: codiemb register %s --name %s", exc, logger.run_id, name)
         return result, logger.run_id
 
 
