@@ -111,6 +111,22 @@ def _rows(shard) -> list[dict]:
     return out
 
 
+def _rank_placement(world: int) -> list[dict]:
+    """Where each rank ran, in rank order: its Ray node id and torch's thread count (gathered over
+    the process group; recorded in the train summary as ``ranks``)."""
+    import ray
+    import torch
+
+    me = {"node_id": ray.get_runtime_context().get_node_id(), "torch_threads": torch.get_num_threads()}
+    if world <= 1:
+        return [dict(me, rank=0)]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, me)
+    return [dict(p, rank=r) for r, p in enumerate(out)]
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -151,6 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
     result = train(cfg, tasks, output_dir=workdir / "out", ctx=ctx, callbacks=callbacks,
                    resume=resume_from is not None, resume_from=resume_from, sharded=True,
                    data_counts=config.get("data_counts"), fail_marker_dir=config.get("fail_marker_dir") or run_local)
+    placement = _rank_placement(world)
     final = None
     metrics = {"step": result.steps, "final": 1, "samples_per_s": result.samples_per_s,
                "tokens_per_s": result.tokens_per_s, "wall_s": result.wall_s}
@@ -161,7 +178,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics_file = Path(result.output_dir) / "metrics.jsonl"
         if metrics_file.is_file():
             shutil.copy(metrics_file, final / "metrics.jsonl")
-        (final / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
+        (final / "train_summary.json").write_text(json.dumps(dict(result.__dict__, ranks=placement), indent=1,
+                                                             default=str))
         if run_id:
             (final / RUN_ID_FILE).write_text(run_id)
         final = ray.train.Checkpoint.from_directory(str(final))
