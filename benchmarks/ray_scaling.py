@@ -58,6 +58,14 @@ from codiemb.config import Config, load_config  # noqa: E402
 from codiemb.errors import ConfigError  # noqa: E402
 
 
+def threads_for(args: argparse.Namespace, workers: int) -> int:
+    """CPUs (= torch threads) per worker: the flag's number, or with ``auto`` the machine's cores
+    split between the workers (1 worker x 2 threads against 2 workers x 1 thread on 2 cores)."""
+    if args.threads_per_worker == "auto":
+        return max(1, (os.cpu_count() or 1) // workers)
+    return int(args.threads_per_worker)
+
+
 def setting_config(args: argparse.Namespace, workers: int, storage: Path) -> Config:
     """The recipe with ``workers`` workers, the global batch split evenly, timing-only switches."""
     base = load_config(args.config, args.set)
@@ -72,7 +80,7 @@ def setting_config(args: argparse.Namespace, workers: int, storage: Path) -> Con
         "train.grad_accum=1",
         "tracking.enabled=false",
         f"scaling.num_workers={workers}",
-        f"scaling.resources_per_worker={{CPU: {args.threads_per_worker}}}",
+        f"scaling.resources_per_worker={{CPU: {threads_for(args, workers)}}}",
         "scaling.use_gpu=false",
         "scaling.max_failures=0",
         f"storage.path={storage}",
@@ -147,19 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps at the start of each run")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts, e.g. 1,2")
-    ap.add_argument("--threads-per-worker", type=int, default=1, help="CPUs (= torch threads) per worker")
+    ap.add_argument("--threads-per-worker", default="1",
+                    help="CPUs (= torch threads) per worker, or 'auto': the cores split between the workers")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--json", help="write every setting and step here")
     ap.add_argument("--keep", action="store_true", help="keep the runs' storage folder (printed)")
     args = ap.parse_args(argv)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    if not workers or min(workers) < 1 or args.steps < 1 or args.warmup_steps < 0 or args.threads_per_worker < 1:
-        ap.error("--workers must be positive integers, --steps >= 1, --warmup-steps >= 0, --threads-per-worker >= 1")
+    threads_ok = args.threads_per_worker == "auto" or (args.threads_per_worker.isdigit() and int(args.threads_per_worker) >= 1)
+    if not workers or min(workers) < 1 or args.steps < 1 or args.warmup_steps < 0 or not threads_ok:
+        ap.error("--workers must be positive integers, --steps >= 1, --warmup-steps >= 0, "
+                 "--threads-per-worker >= 1 or auto")
 
     print("$ " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
     from codiemb.train.ray_trainer import init_ray
 
-    init_ray(num_cpus=max(4, max(workers) * args.threads_per_worker + 2))  # + CPUs for Ray Data
+    init_ray(num_cpus=max(4, max(w * threads_for(args, w) for w in workers) + 2))  # + CPUs for Ray Data
     storage = Path(tempfile.mkdtemp(prefix="ray-scaling-"))
     results = []
     try:
