@@ -89,3 +89,14 @@ def resolve_data_path(path: str, root: str | os.PathLike | None = None) -> str:
     if Path(path).exists():
         return str(Path(path).resolve())
     return str(data_dir(root) / path)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``, a bare path -> absolute: Ray Train
+    workers and Tune trials run in their own working folders, so relative locations would point
+    elsewhere (a fresh, empty MLflow store where the driver's run does not exist)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri

@@ -159,3 +159,20 @@ def test_more_workers_than_cluster_fails_fast(ray_local, tmp_path, tiny_model_di
         check_resources(cfg)
     cfg = _cfg(tmp_path, tiny_model_dir, "scaling.num_workers=64", "scaling.autoscaling=true")
     check_resources(cfg)  # an autoscaling cluster may grow: no error
+
+
+def test_relative_sqlite_uri_reaches_the_drivers_store(ray_local, tmp_path, tiny_model_dir, monkeypatch):
+    """The quickstart's `sqlite:///mlflow.db` is relative; Ray starts each worker in its own folder,
+    where it would open a fresh, empty store and drop rank 0's per-step metrics ("run not found")."""
+    from mlflow.tracking import MlflowClient
+
+    from codiemb.tracking.train_run import train_tracked
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CODIEMB_SKIP_DEV", "1")
+    cfg = _cfg(tmp_path, tiny_model_dir, "scaling.num_workers=1", "tracking.enabled=true",
+               "tracking.uri=sqlite:///mlflow.db", "tracking.experiment=raytest-sqlite", "train.checkpoint_every=0")
+    result, run_id = train_tracked(cfg, local=False)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(run_id, "lr")]
+    assert steps == list(range(1, result.steps + 1)), steps  # every step, logged by rank 0 into this store

@@ -226,6 +226,16 @@ def _storage(cfg: Config):
     return str(Path(path).resolve()), None
 
 
+def _worker_config(cfg: Config) -> dict:
+    """The config the workers get: a relative ``sqlite:///mlflow.db`` (or a bare path) made absolute,
+    since Ray starts each worker in its own folder and it would log into a fresh, empty store."""
+    from codiemb.paths import absolute_tracking_uri
+
+    tree = cfg.to_dict()
+    tree["tracking"]["uri"] = absolute_tracking_uri(cfg.tracking.uri)
+    return tree
+
+
 def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None = None) -> TrainResult:
     """Run the loop on ``scaling.num_workers`` Ray Train workers and return the final result.
 
@@ -254,7 +264,7 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
         fail_marker_dir = str(Path(storage_path) / cfg.run.name)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "data_counts": counts,
+        train_loop_config={"cfg": _worker_config(cfg), "mlflow_run_id": mlflow_run_id, "data_counts": counts,
                            "fail_marker_dir": fail_marker_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),

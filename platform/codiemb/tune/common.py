@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from codiemb.config import Config
 from codiemb.errors import ConfigError
+from codiemb.paths import absolute_tracking_uri  # noqa: F401  (re-exported: trials need absolute URIs)
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +100,6 @@ def make_searcher(cfg: Config):
 
 
 # --------------------------------------------------------------------------- paths
-def absolute_tracking_uri(uri: str) -> str:
-    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/mlflow.db``, a bare path -> absolute: Ray Tune
-    runs each trial in its own working folder, so relative locations would point elsewhere."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    if "://" not in uri:
-        return str(Path(uri).resolve())
-    return uri
-
-
 def absolutize(cfg: Config) -> Config:
     """A copy of ``cfg`` whose local paths (data root, models, storage, tracking) are absolute."""
     from codiemb.paths import data_dir
