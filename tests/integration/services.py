@@ -156,3 +156,26 @@ def s3_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
 
 def s3_read(endpoint: str, bucket: str, key: str) -> bytes:
     return s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+WORDS = "cat dog man woman child car house tree water fire sun moon red blue green big small".split()
+
+
+def write_tiny_pairs(folder: Path, n_ret: int, n_sts: int, seed: int = 0) -> tuple[Path, Path]:
+    """Random-word training files for the tiny model: ``ret.jsonl`` (query, positive, one hard
+    negative) and ``sts.jsonl`` (scores in [0, 5]), the same rows for the same arguments."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    ret, sts = Path(folder) / "ret.jsonl", Path(folder) / "sts.jsonl"
+    with open(ret, "w") as fh:
+        for _ in range(n_ret):
+            q = " ".join(rng.sample(WORDS, 3))
+            fh.write(json.dumps({"query": q, "positive": q + " " + rng.choice(WORDS),
+                                 "negatives": [" ".join(rng.sample(WORDS, 4))]}) + "\n")
+    with open(sts, "w") as fh:
+        for _ in range(n_sts):
+            fh.write(json.dumps({"sentence1": " ".join(rng.sample(WORDS, 4)), "sentence2": " ".join(rng.sample(WORDS, 4)),
+                                 "score": round(rng.uniform(0, 5), 1)}) + "\n")
+    return ret, sts

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -20,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from services import free_port, s3_keys
+from services import free_port, s3_keys, write_tiny_pairs
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-WORDS = "cat dog man woman child car house tree water fire sun moon red blue green big small".split()
 
 
 def _ray(*args, env=None, timeout=120, check=False):
@@ -68,18 +66,7 @@ def ray_head():
 
 
 def _write_job_config(tmp_path: Path, model_dir: Path, tracking_uri: str) -> Path:
-    rng = random.Random(0)
-    ret, sts = tmp_path / "ret.jsonl", tmp_path / "sts.jsonl"
-    with open(ret, "w") as fh:
-        for _ in range(48):
-            q = " ".join(rng.sample(WORDS, 3))
-            fh.write(json.dumps({"query": q, "positive": q + " " + rng.choice(WORDS),
-                                 "negatives": [" ".join(rng.sample(WORDS, 4))]}) + "\n")
-    with open(sts, "w") as fh:
-        for _ in range(48):
-            fh.write(json.dumps({"sentence1": " ".join(rng.sample(WORDS, 4)),
-                                 "sentence2": " ".join(rng.sample(WORDS, 4)),
-                                 "score": round(rng.uniform(0, 5), 1)}) + "\n")
+    ret, sts = write_tiny_pairs(tmp_path, 48, 48)
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"""
 run: {{name: jobtest, seed: 0}}

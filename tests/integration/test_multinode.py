@@ -31,12 +31,11 @@ from pathlib import Path
 
 import pytest
 
-from services import free_port
+from services import free_port, write_tiny_pairs
 
 pytestmark = pytest.mark.integration
 
 VENV_BIN = Path(sys.executable).parent
-WORDS = "cat dog man woman child car house tree water fire sun moon red blue green big small".split()
 NODE_CPUS = 2
 
 
@@ -121,20 +120,7 @@ def two_node_cluster():
 
 
 def _write_config(tmp_path: Path, model_dir: Path) -> Path:
-    import random
-
-    rng = random.Random(0)
-    ret, sts = tmp_path / "ret.jsonl", tmp_path / "sts.jsonl"
-    with open(ret, "w") as fh:
-        for _ in range(32):
-            q = " ".join(rng.sample(WORDS, 3))
-            fh.write(json.dumps({"query": q, "positive": q + " " + rng.choice(WORDS),
-                                 "negatives": [" ".join(rng.sample(WORDS, 4))]}) + "\n")
-    with open(sts, "w") as fh:
-        for _ in range(32):
-            fh.write(json.dumps({"sentence1": " ".join(rng.sample(WORDS, 4)),
-                                 "sentence2": " ".join(rng.sample(WORDS, 4)),
-                                 "score": round(rng.uniform(0, 5), 1)}) + "\n")
+    ret, sts = write_tiny_pairs(tmp_path, 32, 32)
     cfg = tmp_path / "multinode.yaml"
     cfg.write_text(f"""
 run: {{name: multinode, seed: 0}}

@@ -10,26 +10,14 @@ import torch
 
 from codiemb.config import load_config
 from codiemb.errors import UserError
+from services import write_tiny_pairs
 
 pytestmark = pytest.mark.integration
 
-WORDS = "cat dog man woman child car house tree water fire sun moon red blue green big small".split()
 
 
 def _data(tmp_path, n_ret=64, n_sts=64):
-    rng = random.Random(0)
-    ret = tmp_path / "ret.jsonl"
-    with open(ret, "w") as fh:
-        for _ in range(n_ret):
-            q = " ".join(rng.sample(WORDS, 3))
-            fh.write(json.dumps({"query": q, "positive": q + " " + rng.choice(WORDS),
-                                 "negatives": [" ".join(rng.sample(WORDS, 4))]}) + "\n")
-    sts = tmp_path / "sts.jsonl"
-    with open(sts, "w") as fh:
-        for _ in range(n_sts):
-            fh.write(json.dumps({"sentence1": " ".join(rng.sample(WORDS, 4)), "sentence2": " ".join(rng.sample(WORDS, 4)),
-                                 "score": round(rng.uniform(0, 5), 1)}) + "\n")
-    return ret, sts
+    return write_tiny_pairs(tmp_path, n_ret, n_sts)
 
 
 def _cfg(tmp_path, model_dir, *extra):

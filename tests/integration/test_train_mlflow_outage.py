@@ -13,35 +13,23 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 
 import numpy as np
 import pytest
 
 from codiemb.config import load_config
+from services import write_tiny_pairs
 
 pytestmark = pytest.mark.integration
 
 STOP_AT = 5  # the server goes away right after this step's metrics were sent
 MAX_STEPS = 20
-WORDS = "cat dog man woman child car house tree water fire sun moon red blue green big small".split()
 TEXTS = ["the cat sleeps in the house", "a man plays with a big dog", "red sun", "water"]
 
 
 def _config(tmp_path, model_dir, url: str):
-    rng = random.Random(0)
-    ret, sts = tmp_path / "ret.jsonl", tmp_path / "sts.jsonl"
-    with open(ret, "w") as fh:
-        for _ in range(48):
-            q = " ".join(rng.sample(WORDS, 3))
-            fh.write(json.dumps({"query": q, "positive": q + " " + rng.choice(WORDS),
-                                 "negatives": [" ".join(rng.sample(WORDS, 4))]}) + "\n")
-    with open(sts, "w") as fh:
-        for _ in range(48):
-            fh.write(json.dumps({"sentence1": " ".join(rng.sample(WORDS, 4)),
-                                 "sentence2": " ".join(rng.sample(WORDS, 4)),
-                                 "score": round(rng.uniform(0, 5), 1)}) + "\n")
+    ret, sts = write_tiny_pairs(tmp_path, 48, 48)
     f = tmp_path / "outage.yaml"
     f.write_text(f"""
 run: {{name: outage, seed: 1}}
