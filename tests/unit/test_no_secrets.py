@@ -68,3 +68,27 @@ def test_redact_text_leaves_ordinary_text_alone(monkeypatch):
 def test_flatten_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}, "f": None}) == \
         {"a.b": 1, "a.c.d": [1, 2], "e": {}, "f": None}
+
+
+class _VanishingEnviron(dict):
+    """An environment where a key listed by iteration is deleted before its value is read,
+    as MLflow's telemetry thread does with _MLFLOW_TELEMETRY_SESSION_ID."""
+
+    def __iter__(self):
+        keys = list(super().__iter__())
+        self.pop("GONE_TOKEN", None)
+        return iter(keys)
+
+
+def test_environment_snapshot_skips_keys_deleted_meanwhile():
+    from codiemb.tracking.mlflow_run import environ_items
+
+    env = _VanishingEnviron({"GONE_TOKEN": "abcdef", "HF_TOKEN": "hf_secretvalue", "PATH": "/bin"})
+    assert dict(environ_items(env)) == {"HF_TOKEN": "hf_secretvalue", "PATH": "/bin"}
+
+
+def test_environment_snapshot_of_the_real_environment(monkeypatch):
+    from codiemb.tracking.mlflow_run import environ_items
+
+    monkeypatch.setenv("CODIEMB_TEST_SNAPSHOT", "x1")
+    assert ("CODIEMB_TEST_SNAPSHOT", "x1") in environ_items()

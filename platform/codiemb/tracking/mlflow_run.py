@@ -65,9 +65,34 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(str(key)))
 
 
+def environ_items(environ=None) -> list[tuple[str, str]]:
+    """A snapshot of the environment that survives other threads changing it meanwhile.
+
+    ``os.environ.items()`` reads a key, then its value: MLflow's telemetry thread sets and deletes
+    ``_MLFLOW_TELEMETRY_SESSION_ID`` while runs start, and a key deleted in between raised KeyError
+    (a 30-trial merge search died on it). Keys that vanish are skipped; a key list that changes
+    while being copied is copied again.
+    """
+    environ = os.environ if environ is None else environ
+    for _ in range(10):
+        try:
+            keys = list(environ)
+            break
+        except RuntimeError:  # dictionary changed size during iteration
+            continue
+    else:
+        keys = []
+    out = []
+    for key in keys:
+        value = environ.get(key)
+        if value is not None:
+            out.append((key, value))
+    return out
+
+
 def _secret_env_values() -> list[str]:
     """Literal values of credential-like environment variables (longest first, >= 4 chars)."""
-    values = {v for k, v in os.environ.items() if is_secret_key(k) and v and len(v) >= 4}
+    values = {v for k, v in environ_items() if is_secret_key(k) and v and len(v) >= 4}
     return sorted(values, key=len, reverse=True)
 
 
