@@ -181,9 +181,8 @@ def _fuse(method: str, params: dict, ir: Path, sts: Path, base, out: Path) -> Pa
 
 
 def _scored(label: str, folder: str, cache: Path, wall: float | None) -> dict:
-    if cache.exists():
-        r = json.loads(cache.read_text())
-    else:
+    r = json.loads(cache.read_text()) if cache.exists() else None
+    if r is None or r.get("model") != str(folder):  # never reuse the scores of another folder (--best moves)
         r = score(folder)
         cache.write_text(json.dumps(r, indent=1))
     r.update(label=label, wall=wall)
@@ -273,7 +272,7 @@ def main() -> None:
                 _fuse(method, params, out / "ir-only/model", out / "sts-only/model", base, folder)
             rows.append(_scored(label, str(folder), out / f"fusion-{method}.score.json", None))
     if a.best:
-        rows.append(_scored("merge search's best", a.best, out / "best.score.json", None))
+        rows.append(_scored("merge search's best", str(Path(a.best).resolve()), out / "best.score.json", None))
 
     table = format_table(rows)
     notes = verdict(by)
