@@ -256,19 +256,20 @@ def retrieval_forward(cfg: Config, encoder, td: TaskData, device: torch.device |
 
 
 def pretokenized(td: TaskData, encoder, cfg: Config):
-    """``td``'s rows tokenized once (``PretokenizedRetrieval``), cached on ``td`` per tokenizer and lengths."""
+    """``td``'s rows tokenized once (``PretokenizedRetrieval``), cached on ``td`` for this tokenizer
+    object and these max lengths / positives / negatives (another tokenizer or lengths: again)."""
     from codiemb.train.fast_batches import PretokenizedRetrieval
 
     ml = cfg.model.max_length
     tok = encoder.tokenizer
-    key = (getattr(tok, "name_or_path", ""), len(tok), ml.query, ml.passage, td.num_positives, td.num_negatives)
+    key = (ml.query, ml.passage, td.num_positives, td.num_negatives)
     hit = td.cache.get("pretok")
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and hit[2] is tok:
         return hit[1]
     t0 = time.perf_counter()
     pre = PretokenizedRetrieval.build(tok, td.records, {"query": ml.query, "passage": ml.passage},
                                       num_positives=td.num_positives, num_negatives=td.num_negatives)
-    td.cache["pretok"] = (key, pre)
+    td.cache["pretok"] = (key, pre, tok)
     log.info("retrieval dataset %s: tokenized once: %d rows, %d tokens (%.1f MB) in %.2f s", td.name, len(pre),
              pre.num_tokens, (pre.tokens.nbytes + pre.offsets.nbytes) / 1e6, time.perf_counter() - t0)
     return pre

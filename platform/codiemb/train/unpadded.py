@@ -25,6 +25,7 @@ its ``train()``/``eval()`` mode.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +83,8 @@ def _packed(ids: Tensor, lengths: Tensor) -> Packed:
     return Packed(ids, positions, seq_ids, cu, lengths, int(lengths.max()))
 
 
-def available_backends() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _available_backends() -> tuple[str, ...]:
     out = []
     try:
         import flash_attn  # noqa: F401
@@ -97,7 +99,13 @@ def available_backends() -> list[str]:
     except Exception:  # noqa: BLE001
         pass
     out.append("reference")
-    return out
+    return tuple(out)
+
+
+def available_backends() -> list[str]:
+    """Varlen attention backends importable here, best first (probed once per process: a failed
+    import is not cached by Python, and the training loop asks every step)."""
+    return list(_available_backends())
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
