@@ -9,14 +9,15 @@ each of its steps a callback runs our step on the same batch, so a load change o
 hits both sides alike. The first ``--warmup`` steps of each side are not timed; then every
 ``--steps`` steps form a pair, whose samples/s are steps * batch / seconds for each side.
 
-- ours: the data pipeline's tokenize step runs once over all rows (``tokenize_batch``, as Ray
-  Data's ``map_batches`` does; its one-time cost is printed), then each step pads the
-  pre-tokenized ids (``codiemb.train.fast_batches``) and runs the encoder on queries and passages
-  packed into ONE unpadded sequence (``codiemb.train.unpadded``: no compute on padding;
-  ``--ours-attn padded``: two forwards padded to the batch maximum), multi-positive InfoNCE (``codiemb.losses.ir.info_nce``), backward,
-  gradient clipping (1.0) and AdamW (fused where torch has it) with a linear schedule.
-  ``--ours-tokenize per-step`` runs ``codiemb.train.loop.retrieval_loss`` instead (it tokenizes
-  every step), and ``--ours-adamw foreach`` the non-fused AdamW: that is how each speed-up is measured.
+- ours: the training loop's own retrieval step, ``codiemb.train.loop.retrieval_loss``, with a real
+  config (``train.retrieval_forward`` = ``--ours-attn``, default ``auto``: what ``codiemb train``
+  does), then backward, gradient clipping (1.0) and the loop's optimizer (``make_adamw``: AdamW,
+  fused where torch has it) with a linear schedule. On the unpadded path the loop tokenizes the
+  dataset once (its one-time cost is printed) and each step packs queries and passages into ONE
+  unpadded sequence (``codiemb.train.unpadded``: no compute on padding); ``--ours-attn padded``
+  is the loop's padded path (``Encoder.tokenize`` every step, two forwards padded to the batch
+  maximum). Same rows, same positives/negatives, same rng calls as in training.
+  ``--ours-adamw foreach`` the non-fused AdamW: that is how each speed-up is measured.
 - peer: ``SentenceTransformerTrainer`` with ``MultipleNegativesRankingLoss``, its default
   optimizer (AdamW, fused), ``max_grad_norm`` 1.0, linear schedule, its data loader and collator
   (tokenizing each step, queries at 64 tokens and passages at 256 through the collator's
@@ -77,11 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passage-max-length", type=int, default=256)
     p.add_argument("--bucket", type=int, default=1,
                    help="length bucketing window in batches for the shared batch plan (1: plain shuffle)")
-    p.add_argument("--ours-tokenize", choices=["pretok", "per-step"], default="pretok")
-    p.add_argument("--ours-adamw", choices=["fused", "foreach"], default="fused")
-    p.add_argument("--ours-attn", choices=["unpadded", "padded"], default="unpadded",
-                   help="unpadded: queries and passages packed into one sequence, no compute on padding "
-                        "(codiemb.train.unpadded; needs --ours-tokenize pretok and a BERT backbone)")
+    p.add_argument("--ours-adamw", choices=["fused", "foreach"], default="fused",
+                   help="fused: the loop's optimizer (make_adamw); foreach: the non-fused AdamW, for comparison")
+    p.add_argument("--ours-attn", choices=["auto", "unpadded", "padded"], default="auto",
+                   help="train.retrieval_forward of the loop's retrieval step: auto (what training does), "
+                        "unpadded (tokenized once, queries and passages packed, no compute on padding) or "
+                        "padded (tokenize every step, pad to the batch maximum)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -126,72 +128,56 @@ def batch_plan(lengths: list[int], batch_size: int, n_batches: int, *, bucket: i
 
 # --------------------------------------------------------------------------- our side
 class Ours:
-    """Our encoder + retrieval step, kept across blocks (one run, as in training)."""
+    """The training loop's retrieval step (``loop.retrieval_loss``) + its optimizer, kept across the run."""
 
     def __init__(self, model: str, rows: list[dict], n_neg: int, opts, device: torch.device):
+        from codiemb.config import config_from_dict
         from codiemb.model.encoder import Encoder
-        from codiemb.train.fast_batches import PretokenizedRetrieval, make_adamw
+        from codiemb.train.fast_batches import make_adamw
+        from codiemb.train.loop import DistContext, TaskData, pretokenized, retrieval_forward
 
         self.opts, self.device, self.rows, self.n_neg = opts, device, rows, n_neg
-        self.encoder = Encoder.load(model, device=device)
-        self.encoder.train()
         lengths = {"query": opts.query_max_length, "passage": opts.passage_max_length}
+        self.cfg = config_from_dict({
+            "run": {"seed": opts.seed},
+            "model": {"name": str(model), "max_length": lengths},
+            "loss": {"retrieval": {"positives": 1, "negatives": n_neg}},
+            "train": {"lr": opts.lr, "weight_decay": 0.01, "grad_clip": 1.0, "bf16": False,
+                      "retrieval_forward": opts.ours_attn},
+        })
+        cfg = self.cfg
+        self.encoder = Encoder.load(cfg.model.name, pooling=cfg.model.pooling, normalize=cfg.model.normalize,
+                                    device=device)
+        self.encoder.train()
+        self.td = TaskData(name=opts.dataset, task="retrieval", records=rows, batch_size=opts.batch_size,
+                           num_positives=1, num_negatives=n_neg)
+        self.ctx = DistContext(device=device)
+        self.forward = retrieval_forward(cfg, self.encoder, self.td, device)
         t0 = time.perf_counter()
-        self.pretok = PretokenizedRetrieval.build(self.encoder.tokenizer, rows, lengths, num_positives=1,
-                                                  num_negatives=n_neg) if opts.ours_tokenize == "pretok" else None
-        self.pretokenize_s = time.perf_counter() - t0 if self.pretok is not None else 0.0
-        self.optimizer = make_adamw(self.encoder, opts.lr, 0.01, device, fused=opts.ours_adamw == "fused")
+        if self.forward == "unpadded":  # as train() does before its first step
+            pretokenized(self.td, self.encoder, cfg)
+        self.pretokenize_s = time.perf_counter() - t0 if self.forward == "unpadded" else 0.0
+        if self.forward == "unpadded":
+            from codiemb.train.unpadded import resolve_backend
+
+            self.forward = f"unpadded ({resolve_backend('auto', device)})"
+        self.optimizer = make_adamw(self.encoder, cfg.train.lr, cfg.train.weight_decay, device,
+                                    fused=None if opts.ours_adamw == "fused" else False)
         self.optimizer_name = "AdamW(fused)" if self.optimizer.defaults.get("fused") else "AdamW(foreach)"
         total = opts.pairs * (opts.warmup + opts.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda u: max(0.0, 1.0 - u / total))
         self.params = [p for p in self.encoder.parameters() if p.requires_grad]
-        self.unpadded = None
-        if opts.ours_attn == "unpadded" and self.pretok is not None and self.encoder.pooling == "mean":
-            from codiemb.train.unpadded import UnpaddedBert, resolve_backend
-
-            try:
-                self.unpadded = UnpaddedBert(self.encoder.backbone, resolve_backend("auto", device))
-            except ValueError as exc:  # not a BERT-style backbone: the padded path
-                logging.getLogger(__name__).warning("unpadded path unavailable (%s); padding instead", exc)
-        if self.pretok is None:
-            from codiemb.config import config_from_dict
-            from codiemb.train.loop import DistContext, TaskData
-
-            self.cfg = config_from_dict({"model": {"name": str(model), "max_length": lengths},
-                                         "loss": {"retrieval": {"negatives": n_neg}}})
-            self.td = TaskData(name=opts.dataset, task="retrieval", records=rows, batch_size=opts.batch_size,
-                               num_positives=1, num_negatives=n_neg)
-            self.ctx = DistContext(device=device)
 
     def step(self, idx: list[int], step_no: int) -> int:
-        """One optimizer step on rows ``idx``; returns the non-pad tokens it encoded."""
-        from codiemb.losses.ir import info_nce
+        """One optimizer step on rows ``idx`` (the loop's step); returns the non-pad tokens it encoded."""
+        from codiemb.train.loop import retrieval_loss
 
-        rng = random.Random(self.opts.seed * 1_000_003 + step_no * 101)
-        if self.unpadded is not None:
-            from codiemb.train.unpadded import mean_pool_packed, pack_lists
-
-            seqs = [self.pretok.query[i] for i in idx] + self.pretok.passage_ids(idx, rng)
-            packed = pack_lists(seqs).to(self.device)
-            emb = mean_pool_packed(self.unpadded(packed), packed)
-            q, p = emb[: len(idx)], emb[len(idx):].view(len(idx), 1 + self.n_neg, -1)
-            loss = info_nce(q, p, 1, temperature=0.02, gather=False)
-            tokens = int(packed.lengths.sum())
-        elif self.pretok is not None:
-            qf, pf = self.pretok.batch(idx, rng)
-            if self.device.type != "cpu":
-                qf = {k: v.to(self.device, non_blocking=True) for k, v in qf.items()}
-                pf = {k: v.to(self.device, non_blocking=True) for k, v in pf.items()}
-            q = self.encoder(qf)["embedding"]
-            p = self.encoder(pf)["embedding"].view(len(idx), 1 + self.n_neg, -1)
-            loss = info_nce(q, p, 1, temperature=0.02, gather=False)
-            tokens = int(qf["attention_mask"].sum()) + int(pf["attention_mask"].sum())
-        else:
-            from codiemb.train.loop import retrieval_loss
-
-            loss, _, tokens = retrieval_loss(self.encoder, [self.rows[i] for i in idx], self.td, self.cfg, self.ctx, rng)
+        cfg = self.cfg
+        rng = random.Random(cfg.run.seed * 1_000_003 + step_no * 101)  # the loop's per-step rng (rank 0)
+        loss, _, tokens = retrieval_loss(self.encoder, [self.rows[i] for i in idx], self.td, cfg, self.ctx, rng,
+                                         idx=idx)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -382,7 +368,7 @@ def run(opts) -> dict:
         "peer_all_tokens": peer_tokens, "step_seconds": {"ours": inter.ours_s, "peer": inter.peer_s}, "median_ratio": statistics.median(p["ratio"] for p in pairs),
         "ours_pretokenize_s": ours.pretokenize_s, "rows": len(rows),
         "ours_optimizer": ours.optimizer_name,
-        "ours_attn": f"unpadded ({ours.unpadded.backend})" if ours.unpadded is not None else "padded", "peer_optimizer": peer.optimizer_name,
+        "ours_attn": ours.forward, "peer_optimizer": peer.optimizer_name,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__,
                 "sentence_transformers": sentence_transformers.__version__, "threads": torch.get_num_threads(),
                 "cpu": _platform.processor() or _platform.machine(), "device": str(device),
@@ -397,8 +383,10 @@ def format_report(res: dict) -> str:
         f"model {o['model']}  dataset {o['dataset']}  batch {o['batch_size']}  max_length q{o['query_max_length']}"
         f"/p{o['passage_max_length']}  {o['warmup']} warm-up steps, then {o['pairs']} pairs of {o['steps']} timed steps",
         f"env {json.dumps(res['env'])}",
-        f"ours: tokenize={o['ours_tokenize']} attention={res['ours_attn']} optimizer={res['ours_optimizer']}"
-        f"  (one-time pre-tokenization of {res['rows']} rows: {res['ours_pretokenize_s']:.2f} s)",
+        f"ours: codiemb.train.loop.retrieval_loss, train.retrieval_forward={o['ours_attn']} -> {res['ours_attn']}"
+        f", optimizer={res['ours_optimizer']}"
+        + (f"  (one-time tokenization of {res['rows']} rows: {res['ours_pretokenize_s']:.2f} s)"
+           if res["ours_attn"].startswith("unpadded") else "  (tokenizes every step)"),
         f"peer: SentenceTransformerTrainer + MultipleNegativesRankingLoss, optimizer={res['peer_optimizer']}",
         "same batches check (non-pad tokens fed to the encoder over all steps, ours == peer): "
         + ("yes" if res["same_tokens"] else f"NO: {res['ours_all_tokens']} != {res['peer_all_tokens']}"),

@@ -133,6 +133,16 @@ class TrainConfig(Strict):
     grad_clip: float | None = 1.0
     grad_accum: int = Field(1, ge=1)
     bf16: bool = True  # autocast on GPU only
+    # How a RETRIEVAL step runs the encoder (STS steps are always padded):
+    #   unpadded: each dataset is tokenized once; per step its queries and passages run as ONE packed
+    #     sequence with block-diagonal attention (train/unpadded.py: no compute on padding).
+    #     Needs a BERT backbone (model_type bert), mean pooling, no instruction prefix, no
+    #     loss.matryoshka.layers; otherwise a ConfigError.
+    #   padded: tokenize every step, pad to the batch maximum, the Hugging Face forward.
+    #   auto: unpadded wherever it is possible (per dataset), else padded; on a GPU also only with
+    #     a varlen kernel (flash-attn / torch varlen) and bf16 on (those kernels compute attention
+    #     in bf16). Both paths give the same loss and gradients (tests/unit/test_loop_unpadded.py).
+    retrieval_forward: Literal["auto", "padded", "unpadded"] = "auto"
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: only at the end

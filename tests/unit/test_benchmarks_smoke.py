@@ -106,10 +106,20 @@ def test_make_adamw_fused_matches_reference_adamw():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-def test_throughput_script_runs_two_steps_per_side(tiny_model_dir, shared_data, capsys, tmp_path):
+def test_throughput_script_runs_two_steps_per_side(tiny_model_dir, shared_data, capsys, tmp_path, monkeypatch):
     pytest.importorskip("datasets")
     pytest.importorskip("accelerate")
+    import codiemb.train.loop as loop
+
     tp = _load_throughput()
+    calls = []
+    real = loop.retrieval_loss
+
+    def counting(*a, **k):  # "ours" must be the training loop's own step
+        calls.append(loop.retrieval_forward(a[3], a[0], a[2]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "retrieval_loss", counting)
     argv = ["--model", str(tiny_model_dir), "--dataset", "scifact", "--data-root", str(shared_data),
             "--batch-size", "4", "--steps", "2", "--warmup", "1", "--pairs", "1", "--threads", "1",
             "--query-max-length", "16", "--passage-max-length", "32", "--max-rows", "24"]
@@ -133,6 +143,11 @@ def test_throughput_script_runs_two_steps_per_side(tiny_model_dir, shared_data, 
     assert res["pairs"][0]["samples"] == 4 * 2  # timed samples: batch x timed steps
     assert res["ours_all_tokens"] == res["peer_all_tokens"] > 0
     assert len(res["step_seconds"]["ours"]) == len(res["step_seconds"]["peer"]) == 1 + 2  # warm-up + timed
+    # ours ran loop.retrieval_loss every step, on the loop's default (auto -> unpadded for this BERT)
+    assert calls == ["unpadded"] * 3
+    assert res["options"]["ours_attn"] == "auto" and res["ours_attn"] == "unpadded (reference)"
+    assert any(l.startswith("ours: codiemb.train.loop.retrieval_loss, train.retrieval_forward=auto -> unpadded")
+               for l in out)
 
 
 def test_unpadded_forward_equals_padded_encoder(tiny_model_dir):

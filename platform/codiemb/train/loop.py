@@ -4,6 +4,16 @@ One process runs it with ``codiemb train CONFIG --local``; each Ray Train worker
 function with its rank and world size (``train/ray_trainer.py``). Every optimizer step is ONE task
 on ALL ranks (``TaskBatchSampler``); retrieval steps use multi-positive InfoNCE over the global
 batch, STS steps the order-aware composite. Gradients are averaged over ranks by an all-reduce.
+
+Retrieval steps run the encoder one of two ways (``train.retrieval_forward``, see
+:func:`retrieval_forward`): **unpadded** (the default wherever it is possible): each dataset is
+tokenized once (``fast_batches.PretokenizedRetrieval``, at the start of ``train``), and a step
+packs its queries and passages into one sequence for ``unpadded.UnpaddedBert``, which reads the
+backbone's own weights (no compute on padding; gradients, checkpoints and the all-reduce are the
+backbone's as before); **padded**: ``Encoder.tokenize`` every step and the Hugging Face forward
+(instruction prefixes, non-BERT backbones, non-mean pooling). Both give the same loss and
+gradients. STS steps are always padded (short sentences; MidNCE reads a middle layer).
+``benchmarks/throughput.py`` times :func:`retrieval_loss` itself.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import numpy as np
 import torch
 
 from codiemb.config import Config
-from codiemb.errors import DataError
+from codiemb.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,8 @@ class TaskData:
     instruction: str | None = None
     num_positives: int = 1
     num_negatives: int = 0
+    # per-dataset state of the unpadded retrieval path (pre-tokenized ids, decisions); not data
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def load_task_data(cfg: Config, quarantine_dir: str | Path | None = None) -> tuple[list[TaskData], dict[str, dict]]:
@@ -186,23 +198,137 @@ def _pick(items: list[str], k: int, rng: random.Random) -> list[str]:
     return rng.sample(items, k)
 
 
+# --------------------------------------------------------------------------- retrieval forward: padded or unpadded
+def unpadded_unsupported(cfg: Config, encoder, td: TaskData | None = None) -> str | None:
+    """Why the unpadded retrieval forward cannot compute what the padded one does (None: it can)."""
+    from codiemb.train.unpadded import unsupported_reason
+
+    why = unsupported_reason(encoder.backbone)
+    if why:
+        return why
+    if encoder.pooling != "mean":
+        return f"pooling is {encoder.pooling!r} (the unpadded forward pools by mean)"
+    if cfg.loss.matryoshka is not None and cfg.loss.matryoshka.layers:
+        return "loss.matryoshka.layers needs every layer's states (the padded forward gives them)"
+    if td is not None:
+        if "has_instruction" not in td.cache:
+            td.cache["has_instruction"] = bool(td.instruction) or any(r.get("instruction") for r in td.records)
+        if td.cache["has_instruction"]:
+            return (f"dataset {td.name!r} has an instruction prefix (pooling skips it through "
+                    "Encoder.tokenize's pool_mask, a padded-path feature)")
+    return None
+
+
+def _unpadded_not_worth_it(cfg: Config, device: torch.device) -> str | None:
+    """``auto`` only: cases where unpadded would run but is slower or less precise than padded."""
+    from codiemb.train.unpadded import resolve_backend
+
+    if device.type == "cuda":
+        if resolve_backend("auto", device) == "reference":
+            return "no varlen attention kernel on this GPU (flash-attn or torch.nn.attention.varlen)"
+        if not cfg.train.bf16:
+            return "train.bf16 is off and the varlen kernels compute attention in bf16"
+    return None
+
+
+def retrieval_forward(cfg: Config, encoder, td: TaskData, device: torch.device | None = None) -> str:
+    """``"unpadded"`` or ``"padded"`` for ``td``'s retrieval steps under ``cfg.train.retrieval_forward``.
+
+    auto: unpadded when :func:`unpadded_unsupported` finds nothing (BERT backbone, mean pooling,
+    no instruction prefix, no matryoshka layers) and, on a GPU, a varlen kernel and bf16 are
+    there; else padded. ``unpadded`` where it is impossible raises ``ConfigError``.
+    """
+    mode = cfg.train.retrieval_forward
+    if mode == "padded":
+        return "padded"
+    device = torch.device(device) if device is not None else encoder.device
+    why = unpadded_unsupported(cfg, encoder, td)
+    if why is None and mode == "auto":
+        why = _unpadded_not_worth_it(cfg, device)
+    elif why is not None and mode == "unpadded":
+        raise ConfigError(f"train.retrieval_forward=unpadded is impossible here: {why}; "
+                          "use train.retrieval_forward=auto or padded")
+    choice = "padded" if why else "unpadded"
+    if td.cache.get("forward_logged") != (mode, choice):
+        td.cache["forward_logged"] = (mode, choice)
+        log.info("retrieval dataset %s: %s forward%s", td.name, choice, f" ({why})" if why else "")
+    return choice
+
+
+def pretokenized(td: TaskData, encoder, cfg: Config):
+    """``td``'s rows tokenized once (``PretokenizedRetrieval``), cached on ``td`` for this tokenizer
+    object and these max lengths / positives / negatives (another tokenizer or lengths: again)."""
+    from codiemb.train.fast_batches import PretokenizedRetrieval
+
+    ml = cfg.model.max_length
+    tok = encoder.tokenizer
+    key = (ml.query, ml.passage, td.num_positives, td.num_negatives)
+    hit = td.cache.get("pretok")
+    if hit is not None and hit[0] == key and hit[2] is tok:
+        return hit[1]
+    t0 = time.perf_counter()
+    pre = PretokenizedRetrieval.build(tok, td.records, {"query": ml.query, "passage": ml.passage},
+                                      num_positives=td.num_positives, num_negatives=td.num_negatives)
+    td.cache["pretok"] = (key, pre, tok)
+    log.info("retrieval dataset %s: tokenized once: %d rows, %d tokens (%.1f MB) in %.2f s", td.name, len(pre),
+             pre.num_tokens, (pre.tokens.nbytes + pre.offsets.nbytes) / 1e6, time.perf_counter() - t0)
+    return pre
+
+
+def _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx):
+    """Queries (B, D) and passages (B·(m+n), D) from ONE packed forward; and the token count."""
+    from codiemb.train.fast_batches import PretokenizedRetrieval
+    from codiemb.train.unpadded import UnpaddedBert, mean_pool_packed
+
+    if idx is not None:
+        if len(idx) != len(rows):
+            raise ValueError(f"retrieval_loss: {len(rows)} rows but {len(idx)} indices")
+        pre = pretokenized(td, encoder, cfg)
+    else:  # rows outside td's index space (direct callers): tokenize just these rows
+        ml = cfg.model.max_length
+        pre = PretokenizedRetrieval.build(encoder.tokenizer, rows, {"query": ml.query, "passage": ml.passage},
+                                          num_positives=td.num_positives, num_negatives=td.num_negatives)
+        idx = list(range(len(rows)))
+    q_texts, p_texts = pre.pick(idx, rng)
+    packed = pre.packed(q_texts + p_texts)
+    tokens = int(packed.lengths.sum())
+    packed = packed.to(ctx.device)
+    model = UnpaddedBert(encoder.backbone, "auto", gradient_checkpointing=cfg.model.gradient_checkpointing)
+    emb = mean_pool_packed(model(packed), packed)
+    return emb[: len(rows)], emb[len(rows):], tokens
+
+
 # --------------------------------------------------------------------------- one step per task
-def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext, rng: random.Random):
+def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext, rng: random.Random,
+                   idx: list[int] | None = None):
+    """Multi-positive InfoNCE for one retrieval batch: ``(loss, extras, non-pad tokens)``.
+
+    ``rows`` are the batch's records; ``idx`` their indices in ``td.records`` (lets the unpadded
+    path use the dataset's once-tokenized ids; without it those rows are tokenized now). Each row
+    gets m positives and n negatives chosen by ``_pick`` with ``rng`` (the same calls on both
+    paths, so runs are reproducible and resumable). The forward is :func:`retrieval_forward`'s
+    choice; the loss (``info_nce``, gathered across workers, Matryoshka dims) is the same code.
+    """
     from codiemb.losses.ir import info_nce
 
     m, n = td.num_positives, td.num_negatives
-    queries = [r["query"] for r in rows]
-    passages: list[str] = []
-    for r in rows:
-        passages += _pick(r["positives"], m, rng) + _pick(r["negatives"], n, rng)
-    ml = cfg.model.max_length
-    instruction = td.instruction or (rows[0].get("instruction") if rows else None)
-    qf = encoder.tokenize(queries, ml.query, instruction=instruction)
-    pf = encoder.tokenize(passages, ml.passage)
-    qf = {k: v.to(ctx.device) for k, v in qf.items()}
-    pf = {k: v.to(ctx.device) for k, v in pf.items()}
-    q = encoder(qf)["embedding"]
-    p = encoder(pf)["embedding"].view(len(rows), m + n, -1)
+    if retrieval_forward(cfg, encoder, td, ctx.device) == "unpadded":
+        q, p, tokens = _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx)
+    else:
+        queries = [r["query"] for r in rows]
+        passages: list[str] = []
+        for r in rows:
+            passages += _pick(r["positives"], m, rng) + _pick(r["negatives"], n, rng)
+        ml = cfg.model.max_length
+        instruction = td.instruction or (rows[0].get("instruction") if rows else None)
+        qf = encoder.tokenize(queries, ml.query, instruction=instruction)
+        pf = encoder.tokenize(passages, ml.passage)
+        tokens = int(qf["attention_mask"].sum() + pf["attention_mask"].sum())
+        qf = {k: v.to(ctx.device) for k, v in qf.items()}
+        pf = {k: v.to(ctx.device) for k, v in pf.items()}
+        q = encoder(qf)["embedding"]
+        p = encoder(pf)["embedding"]
+    p = p.view(len(rows), m + n, -1)
     gather = cfg.loss.retrieval.gather_across_workers and ctx.world_size > 1
     loss_fn = lambda qq, pp: info_nce(qq, pp, m, temperature=cfg.loss.retrieval.temperature, gather=gather)  # noqa: E731
     if cfg.loss.matryoshka is not None:
@@ -210,7 +336,6 @@ def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: Di
 
         loss_fn = matryoshka(loss_fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)
     loss = loss_fn(q, p)
-    tokens = int(qf["attention_mask"].sum() + pf["attention_mask"].sum())
     negatives_seen = len(rows) * ctx.world_size * (1 + n) - 1 if gather else len(rows) * (1 + n) - 1
     return loss, {"negatives_per_query": float(negatives_seen)}, tokens
 
@@ -280,6 +405,7 @@ def train(
     from codiemb.data.sampler import TaskBatchSampler
     from codiemb.model.encoder import Encoder
     from codiemb.train import checkpoint as ckpt
+    from codiemb.train.fast_batches import make_adamw
 
     ctx = ctx or DistContext(device=torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu"))
     callbacks = callbacks or _NoCallbacks()
@@ -298,6 +424,9 @@ def train(
     if cfg.model.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
     encoder.train()
+    for t in tasks:  # decide each retrieval dataset's forward now (a ConfigError fails fast); tokenize once
+        if t.task == "retrieval" and retrieval_forward(cfg, encoder, t, ctx.device) == "unpadded":
+            pretokenized(t, encoder, cfg)
 
     sampler = TaskBatchSampler(
         {t.name: len(t.records) for t in tasks}, {t.name: t.batch_size for t in tasks},
@@ -311,13 +440,7 @@ def train(
     for name, _ in sampler.plan()[:total_steps]:
         planned[name] += 1
 
-    decay, no_decay = [], []
-    for n_, p in encoder.named_parameters():
-        (no_decay if p.ndim < 2 or "LayerNorm" in n_ or "norm" in n_.lower() else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.train.lr, fused=ctx.device.type == "cuda",
-    )
+    optimizer = make_adamw(encoder, cfg.train.lr, cfg.train.weight_decay, ctx.device)
     warmup = int(math.ceil(cfg.train.warmup_ratio * total_updates))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.schedule, warmup, total_updates))
 
@@ -356,7 +479,7 @@ def train(
             step_rng = random.Random(cfg.run.seed * 1_000_003 + step * 101 + ctx.rank)
             with autocast:
                 if td.task == "retrieval":
-                    loss, extra, tokens = retrieval_loss(encoder, rows, td, cfg, ctx, step_rng)
+                    loss, extra, tokens = retrieval_loss(encoder, rows, td, cfg, ctx, step_rng, idx=idx)
                 else:
                     loss, extra, tokens = sts_loss_step(encoder, rows, td, cfg, ctx)
             weight = cfg.loss.task_weights.get(td.task, 1.0) * cfg.loss.task_weights.get(td.name, 1.0)

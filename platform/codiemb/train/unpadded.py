@@ -14,13 +14,21 @@ and ``reference``: scaled_dot_product_attention per text (any device; for tests 
 
 The module reads the weights of a Hugging Face ``BertModel`` (``embeddings``, ``encoder.layer``):
 training it trains that backbone, and the backbone still saves and loads as usual. The pooler
-is not run (mean pooling does not use it).
+is not run (mean pooling does not use it). :func:`unsupported_reason` says which backbones it
+computes exactly (``model_type == "bert"`` encoders with absolute positions); RoBERTa-style
+models, whose positions start after the padding index, are refused rather than silently wrong.
+
+The training loop's retrieval step runs through here (``train.retrieval_forward``, see
+:func:`codiemb.train.loop.retrieval_loss`); the dropout modules are the backbone's own and follow
+its ``train()``/``eval()`` mode.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,10 +56,13 @@ class Packed:
                       self.max_len)
 
 
-def pack_lists(seqs: list[list[int]]) -> Packed:
-    """Pack pre-tokenized id lists (no padding is ever built)."""
+def pack_lists(seqs) -> Packed:
+    """Pack pre-tokenized id sequences (lists or 1-D numpy arrays; no padding is ever built)."""
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
+    if len(seqs) and all(isinstance(s, np.ndarray) for s in seqs):
+        ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64, copy=False))
+    else:
+        ids = torch.tensor([int(t) for s in seqs for t in s], dtype=torch.int64)
     return _packed(ids, lengths)
 
 
@@ -72,7 +83,8 @@ def _packed(ids: Tensor, lengths: Tensor) -> Packed:
     return Packed(ids, positions, seq_ids, cu, lengths, int(lengths.max()))
 
 
-def available_backends() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _available_backends() -> tuple[str, ...]:
     out = []
     try:
         import flash_attn  # noqa: F401
@@ -87,7 +99,13 @@ def available_backends() -> list[str]:
     except Exception:  # noqa: BLE001
         pass
     out.append("reference")
-    return out
+    return tuple(out)
+
+
+def available_backends() -> list[str]:
+    """Varlen attention backends importable here, best first (probed once per process: a failed
+    import is not cached by Python, and the training loop asks every step)."""
+    return list(_available_backends())
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -121,20 +139,71 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, 
     raise ValueError(f"unknown varlen attention backend {backend!r}")
 
 
-class UnpaddedBert(nn.Module):
-    """Packed forward over a Hugging Face ``BertModel``'s own modules: ``Packed`` -> (T, D) token states."""
+def unsupported_reason(backbone: nn.Module) -> str | None:
+    """Why :class:`UnpaddedBert` cannot reproduce ``backbone``'s padded forward (None: it can).
 
-    def __init__(self, backbone: nn.Module, backend: str = "auto"):
+    Supported: Hugging Face ``BertModel`` encoders (``model_type`` "bert", e.g. all-MiniLM-L6-v2,
+    BERT-base) with absolute position embeddings, not used as a decoder.
+    """
+    cfg = getattr(backbone, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type != "bert":
+        return f"backbone model_type {model_type!r} is not BERT (the unpadded forward supports model_type 'bert')"
+    if not (hasattr(backbone, "embeddings") and hasattr(backbone, "encoder") and hasattr(backbone.encoder, "layer")):
+        return "backbone lacks embeddings / encoder.layer"
+    emb = backbone.embeddings
+    if not all(hasattr(emb, a) for a in ("word_embeddings", "position_embeddings", "token_type_embeddings")):
+        return "backbone embeddings lack word/position/token-type tables"
+    if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return f"position_embedding_type {cfg.position_embedding_type!r} (only absolute is supported)"
+    if getattr(cfg, "is_decoder", False):
+        return "backbone is configured as a decoder (causal attention)"
+    return None
+
+
+class UnpaddedBert(nn.Module):
+    """Packed forward over a Hugging Face ``BertModel``'s own modules: ``Packed`` -> (T, D) token states.
+
+    ``gradient_checkpointing`` recomputes each layer in backward (``torch.utils.checkpoint``,
+    non-reentrant; dropout masks are replayed from the saved RNG state). Dropout (hidden and
+    attention) is active when the backbone is in training mode; the ``torch_varlen`` backend has
+    no attention dropout (hidden dropout still applies).
+    """
+
+    def __init__(self, backbone: nn.Module, backend: str = "auto", *, gradient_checkpointing: bool = False):
         super().__init__()
-        if not (hasattr(backbone, "embeddings") and hasattr(backbone, "encoder")
-                and hasattr(backbone.encoder, "layer")):
-            raise ValueError("UnpaddedBert needs a BERT-style backbone (embeddings + encoder.layer)")
+        why = unsupported_reason(backbone)
+        if why:
+            raise ValueError(f"UnpaddedBert: {why}")
         self.backbone = backbone
         cfg = backbone.config
         self.num_heads = int(cfg.num_attention_heads)
         self.head_dim = int(cfg.hidden_size) // self.num_heads
-        self.attn_dropout = float(getattr(cfg, "attention_probs_dropout_prob", 0.0))
         self.backend = backend
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def _attn_dropout(self, layer) -> float:
+        drop = getattr(layer.attention.self, "dropout", None)
+        if isinstance(drop, nn.Dropout):
+            return float(drop.p)
+        return float(getattr(self.backbone.config, "attention_probs_dropout_prob", 0.0))
+
+    def _layer(self, layer, x: Tensor, packed: Packed, backend: str) -> Tensor:
+        T = x.shape[0]
+        sa = layer.attention.self
+        w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
+        b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+        q, k, v = F.linear(x, w, b).view(T, 3, self.num_heads, self.head_dim).unbind(1)
+        if q.dtype == torch.float32 and backend != "reference":  # flash kernels take fp16/bf16
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        drop = self._attn_dropout(layer) if self.backbone.training and backend != "torch_varlen" else 0.0
+        a = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_len, backend=backend, dropout_p=drop)
+        a = a.reshape(T, -1).to(x.dtype)
+        ao = layer.attention.output
+        x = ao.LayerNorm(ao.dropout(ao.dense(a)) + x)
+        h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+        o = layer.output
+        return o.LayerNorm(o.dropout(o.dense(h)) + x)
 
     def forward(self, packed: Packed) -> Tensor:
         emb = self.backbone.embeddings
@@ -142,22 +211,14 @@ class UnpaddedBert(nn.Module):
         x = emb.word_embeddings(packed.input_ids) + emb.position_embeddings(packed.position_ids) \
             + emb.token_type_embeddings.weight[0]
         x = emb.dropout(emb.LayerNorm(x))
-        T = x.shape[0]
-        drop = self.attn_dropout if self.training and backend != "torch_varlen" else 0.0
+        checkpoint = self.gradient_checkpointing and self.backbone.training and torch.is_grad_enabled()
         for layer in self.backbone.encoder.layer:
-            sa = layer.attention.self
-            w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
-            b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
-            q, k, v = F.linear(x, w, b).view(T, 3, self.num_heads, self.head_dim).unbind(1)
-            if q.dtype == torch.float32 and backend != "reference":  # flash kernels take fp16/bf16
-                q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-            a = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_len, backend=backend, dropout_p=drop)
-            a = a.reshape(T, -1).to(x.dtype)
-            ao = layer.attention.output
-            x = ao.LayerNorm(ao.dropout(ao.dense(a)) + x)
-            h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
-            o = layer.output
-            x = o.LayerNorm(o.dropout(o.dense(h)) + x)
+            if checkpoint:
+                from torch.utils.checkpoint import checkpoint as ckpt
+
+                x = ckpt(self._layer, layer, x, packed, backend, use_reentrant=False)
+            else:
+                x = self._layer(layer, x, packed, backend)
         return x
 
 
