@@ -213,7 +213,7 @@ class TuneConfig(Strict):
     num_samples: int = 20
     max_concurrent: int = 2
     algorithm: Literal["tpe", "nsga2", "random"] = "tpe"
-    objective: Literal["weighted", "pareto"] = "weighted"
+    objective: Literal["weighted", "pareto", "maximin"] = "weighted"  # maximin: merge search, see tune/common.py
     objective_weights: dict[str, float] = {"sts": 0.5, "retrieval": 0.5}
     space: dict[str, Any] = {}  # name -> {type: uniform|loguniform|int|choice, ...}
     asha: dict[str, Any] = {}  # loss search: max_t, grace_period, reduction_factor (reports = rungs)

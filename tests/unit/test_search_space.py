@@ -168,3 +168,41 @@ def test_searcher_uses_the_configured_sampler_and_objectives():
     s = make_searcher(config_from_dict({"tune": {"algorithm": "tpe"}}))
     assert s.metric == "objective" and s.mode == "max"
     assert isinstance(s._sampler, optuna.samplers.TPESampler)
+
+
+def test_maximin_objective_is_the_worst_gap_to_the_best_specialist():
+    from codiemb.tune.common import maximin_value, specialist_targets, with_objective
+
+    reference = {"base": {"sts_spearman": 99.0, "retrieval_ndcg_at_10": 99.0},  # the base never sets a target
+                 "model_0:ir": {"sts_spearman": 85.0, "retrieval_ndcg_at_10": 72.0},
+                 "model_1:sts": {"sts_spearman": 88.0, "retrieval_ndcg_at_10": 66.0}}
+    targets = specialist_targets(reference)
+    assert targets == {"sts_spearman": 88.0, "retrieval_ndcg_at_10": 72.0}
+    # +1 on STS cannot buy -2 on retrieval: the objective is the worse gap
+    assert maximin_value({"sts_spearman": 89.0, "retrieval_ndcg_at_10": 70.0}, targets) == -2.0
+    assert maximin_value({"sts_spearman": 87.5, "retrieval_ndcg_at_10": 72.5}, targets) == -0.5
+    # maximin prefers the balanced b (gaps -0.1/-0.1) to a (+2/-2); the weighted mean prefers a (80.0 vs 79.9)
+    a = with_objective({"sts_spearman": 90.0, "retrieval_ndcg_at_10": 70.0}, {"sts": 1, "retrieval": 1}, targets)
+    b = with_objective({"sts_spearman": 87.9, "retrieval_ndcg_at_10": 71.9}, {"sts": 1, "retrieval": 1}, targets)
+    assert b["objective"] > a["objective"]
+    assert with_objective({"sts_spearman": 90.0, "retrieval_ndcg_at_10": 70.0}, {"sts": 1, "retrieval": 1})["objective"] \
+        > with_objective({"sts_spearman": 87.9, "retrieval_ndcg_at_10": 71.9}, {"sts": 1, "retrieval": 1})["objective"]
+    assert math.isnan(maximin_value({"sts_spearman": 90.0}, targets))
+    with pytest.raises(ConfigError, match="reference"):
+        maximin_value({"sts_spearman": 90.0}, {})
+
+
+def test_maximin_is_refused_where_it_has_no_specialists(tmp_path):
+    from codiemb.config import Config
+    from codiemb.tune.loss_search import run_loss_search
+    from codiemb.tune.merge_search import run_merge_search
+
+    cfg = Config.model_validate({"tune": {"search": "loss", "objective": "maximin", "space": {"loss.sts.cosent": {"type": "uniform", "low": 0, "high": 1}}},
+                                 "data": {"datasets": [{"name": "s", "task": "sts", "path": "x.jsonl", "score_range": [0, 5]}],
+                                          "dev": {"sts": "sts/stsb/dev.jsonl"}}})
+    with pytest.raises(ConfigError, match="maximin"):
+        run_loss_search(cfg)
+    cfg = Config.model_validate({"tune": {"objective": "maximin", "dev": {"reference": False}},
+                                 "merge": {"method": "task_arithmetic", "base_model": "minilm", "models": [{"model": "a"}, {"model": "b"}]}})
+    with pytest.raises(ConfigError, match="reference"):
+        run_merge_search(cfg)

@@ -9,6 +9,11 @@ Objectives (DESIGN §4 "Search"): the two dev metrics are ``sts_spearman`` (STS-
 - ``objective: pareto`` — both metrics, maximised jointly (``OptunaSearch(metric=[...],
   mode=["max", "max"])``); NSGA-II (``algorithm: nsga2``) or multi-objective TPE. The "best"
   trial is then the member of the Pareto front with the highest weighted objective.
+- ``objective: maximin`` (merge search only) — ``objective = min_k (m_k − t_k)``, t_k the best dev
+  score on metric k among the models being merged (their reference scores, before the trials):
+  the worst gap to the best specialist, maximised. It is the fusion goal "close to the STS
+  specialist on STS AND close to the IR specialist on retrieval" written as one number, and
+  unlike a weighted sum it cannot buy a surplus on one task with a deficit on the other.
 """
 
 from __future__ import annotations
@@ -70,9 +75,37 @@ def objective_value(scores: Mapping[str, float], weights: Mapping[str, float]) -
     return num / den if den else float("nan")
 
 
-def with_objective(scores: Mapping[str, float], weights: Mapping[str, float]) -> dict[str, float]:
+def specialist_targets(reference: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Per dev metric, the best score among the merged models' reference scores (the base excluded)."""
+    targets: dict[str, float] = {}
+    for name, sc in reference.items():
+        if name == "base":
+            continue
+        for metric in METRICS.values():
+            v = sc.get(metric)
+            if _finite(v):
+                targets[metric] = max(targets.get(metric, float("-inf")), float(v))
+    return targets
+
+
+def maximin_value(scores: Mapping[str, float], targets: Mapping[str, float]) -> float:
+    """min_k (m_k − t_k) over the metrics with a target (NaN when a targeted metric is missing)."""
+    if not targets:
+        raise ConfigError("tune.objective maximin needs the merged models' reference scores (tune.dev.reference: true)")
+    gaps = []
+    for metric, target in targets.items():
+        v = scores.get(metric)
+        if not _finite(v):
+            return float("nan")
+        gaps.append(float(v) - float(target))
+    return min(gaps)
+
+
+def with_objective(scores: Mapping[str, float], weights: Mapping[str, float],
+                   targets: Mapping[str, float] | None = None) -> dict[str, float]:
+    """``scores`` plus ``objective``: the weighted mean, or with ``targets`` the maximin gap."""
     out = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
-    out[OBJECTIVE] = objective_value(out, weights)
+    out[OBJECTIVE] = maximin_value(out, targets) if targets is not None else objective_value(out, weights)
     return out
 
 
@@ -291,7 +324,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
 
 
 def select_best(rows: Sequence[Mapping[str, Any]], cfg: Config) -> dict[str, Any] | None:
-    """Weighted: the highest objective. Pareto: the front member with the highest weighted objective."""
+    """Weighted / maximin: the highest objective. Pareto: the front member with the highest weighted objective."""
     ok = [r for r in rows if r["status"] == "TERMINATED" and _finite(r.get(OBJECTIVE))]
     if not ok:
         return None

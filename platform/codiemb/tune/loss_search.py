@@ -178,6 +178,9 @@ def loss_trial(config: dict[str, Any], bundle: dict[str, Any]) -> None:
 def _check(cfg: Config) -> None:
     if cfg.tune is None:
         raise ConfigError("config has no 'tune' section")
+    if cfg.tune.objective == "maximin":
+        raise ConfigError("tune.objective maximin compares a merge with the models it merges; a loss search has "
+                          "none: use weighted or pareto")
     if not cfg.data.datasets:
         raise ConfigError("a loss search trains: data.datasets is empty")
     if cfg.data.dev is None or not (cfg.data.dev.sts or cfg.data.dev.retrieval):

@@ -45,6 +45,7 @@ from codiemb.tune.common import (
     parent_run_id,
     pareto_plot,
     select_best,
+    specialist_targets,
     trial_index,
     trial_run,
     with_objective,
@@ -77,7 +78,7 @@ def merge_trial(config: dict[str, Any], bundle: dict[str, Any]) -> None:
         sd, extra = merge_in_memory(method, inputs, weights, params, probe=bundle.get("probe"))
         t1 = time.perf_counter()
         scores = score_state_dict(inputs.encoder, bundle["dev"], sd)
-        metrics = with_objective(scores, bundle["objective_weights"])
+        metrics = with_objective(scores, bundle["objective_weights"], bundle.get("objective_targets"))
         metrics.update(merge_seconds=t1 - t0, trial_seconds=time.perf_counter() - t0)
         if extra.get("learned"):
             metrics["learned_lam"] = float(extra["learned"]["lam"])
@@ -117,6 +118,9 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
     t_start = time.perf_counter()
     if cfg.tune is None or cfg.merge is None:
         raise ConfigError("a merge search needs both a 'tune' and a 'merge' section")
+    if cfg.tune.objective == "maximin" and not cfg.tune.dev.reference:
+        raise ConfigError("tune.objective maximin scores trials against the merged models' dev scores: "
+                          "set tune.dev.reference: true")
     cfg = absolutize(cfg)
     space_cfg = dict(cfg.tune.space or DEFAULT_MERGE_SPACE)
     check_merge_space(space_cfg, len(cfg.merge.models))
@@ -156,8 +160,13 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
                 (exp_path / PARENT_RUN_FILE).write_text(parent.run_id)
             tracking = TrackingInfo(cfg.tracking.uri, cfg.tracking.experiment, parent.run_id)
         reference = _reference_scores(inputs, dev, cfg) if cfg.tune.dev.reference else {}
-        log.info("reference dev scores: %s", json.dumps(reference))
         bundle = _bundle(cfg, inputs, dev, tracking, probe)
+        if cfg.tune.objective == "maximin":
+            bundle["objective_targets"] = specialist_targets(reference)
+            reference = {k: with_objective(v, cfg.tune.objective_weights, bundle["objective_targets"])
+                         for k, v in reference.items()}
+            log.info("maximin targets (best merged model per dev metric): %s", json.dumps(bundle["objective_targets"]))
+        log.info("reference dev scores: %s", json.dumps(reference))
         cpus = cfg.tune.trial_cpus if cfg.tune.trial_cpus is not None else 1.0
         trainable = tune.with_resources(tune.with_parameters(merge_trial, bundle=bundle), {"cpu": cpus})
         if restoring:
