@@ -3,7 +3,7 @@ and sentence-transformers' trainer on the same data, scored on STS-B test and Sc
 
     .venv/bin/python benchmarks/quality.py [--config configs/codiemb-minilm.yaml] [--out runs/quality] \
         [--rows ir-only,sts-only,naive-joint,codiemb-joint,peer] [--fusions uniform_soup,ties,...] \
-        [--best FOLDER] [--write-benchmarks]
+        [--best FOLDER] [--set KEY=VALUE ...] [--write-benchmarks [--block NAME]]
 
 Every row starts from the recipe in ``--config`` (all-MiniLM-L6-v2, STS-B train, SciFact train pairs
 without the dev queries, 960 SNLI triplets; 3 epochs, lr 5e-5, linear decay, 10 % warm-up):
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -53,7 +54,6 @@ LABELS = {"ir-only": "IR-only (codiemb, SciFact + SNLI)", "sts-only": "STS-only 
           "naive-joint": "naive joint (mixed batches, one InfoNCE)",
           "codiemb-joint": "CoDiEmb joint (single-task batches, task losses)",
           "peer": "sentence-transformers trainer (MNRL + CoSENT)"}
-MARK_START, MARK_END = "<!-- quality:start -->", "<!-- quality:end -->"
 NAIVE_MIN_SCORE = 4.0  # of 5: STS-B pairs at or above it count as paraphrase positives
 
 
@@ -116,9 +116,10 @@ def _train_ours(name: str, base, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _train_peer(config: str, out: Path, sampler: str) -> float:
+def _train_peer(config: str, out: Path, sampler: str, overrides: list[str]) -> float:
     """sentence-transformers' own trainer on the recipe's rows, in a child process (clean threads)."""
-    cmd = [sys.executable, __file__, "--_peer", str(out / "peer"), "--config", config, "--peer-sampler", sampler]
+    cmd = [sys.executable, __file__, "--_peer", str(out / "peer"), "--config", config, "--peer-sampler", sampler,
+           *[f"--set={o}" for o in overrides]]
     t0 = time.perf_counter()
     with open(out / "peer.log", "w") as log:
         subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=log,
@@ -126,7 +127,7 @@ def _train_peer(config: str, out: Path, sampler: str) -> float:
     return time.perf_counter() - t0
 
 
-def peer_main(dest: str, config: str, sampler: str) -> None:
+def peer_main(dest: str, config: str, sampler: str, overrides: list[str] | None = None) -> None:
     from datasets import Dataset, DatasetDict
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer import losses
@@ -136,7 +137,7 @@ def peer_main(dest: str, config: str, sampler: str) -> None:
     from codiemb.data.local import read_records
     from codiemb.paths import data_dir, resolve_model
 
-    cfg = load_config(config)
+    cfg = load_config(config, overrides)
     root = data_dir(cfg.data.root)
     model = SentenceTransformer(str(resolve_model(cfg.model.name)), device="cpu")
     model.max_seq_length = cfg.model.max_length.passage
@@ -218,14 +219,21 @@ def verdict(by: dict[str, dict]) -> list[str]:
     return out
 
 
-def write_benchmarks(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
+def markers(block: str = "quality") -> tuple[str, str]:
+    """The comment lines around a generated table: ``quality`` (the default) or ``quality-NAME``."""
+    name = "quality" if block == "quality" else f"quality-{block}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_benchmarks(text: str, path: Path = REPO / "BENCHMARKS.md", block: str = "quality") -> None:
+    start, end = markers(block)
     doc = path.read_text()
-    block = f"{MARK_START}\n{text}\n{MARK_END}"
-    if MARK_START in doc:
-        head, rest = doc.split(MARK_START, 1)
-        doc = head + block + rest.split(MARK_END, 1)[1]
+    chunk = f"{start}\n{text}\n{end}"
+    if start in doc:
+        head, rest = doc.split(start, 1)
+        doc = head + chunk + rest.split(end, 1)[1]
     else:
-        doc = doc.rstrip("\n") + "\n\n## Quality table (`benchmarks/quality.py`)\n\n" + block + "\n"
+        doc = doc.rstrip("\n") + "\n\n## Quality table (`benchmarks/quality.py`)\n\n" + chunk + "\n"
     path.write_text(doc)
 
 
@@ -233,20 +241,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/codiemb-minilm.yaml")
     ap.add_argument("--out", default="runs/quality")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of --config for every row, e.g. sampler.policy=proportional")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--fusions", default=",".join(FUSIONS))
     ap.add_argument("--best", help="a merged folder to add as the search's best (e.g. from jobs/tune.py)")
     ap.add_argument("--peer-sampler", default="proportional", choices=["proportional", "round_robin"])
     ap.add_argument("--no-base", action="store_true", help="leave the base model's row out")
     ap.add_argument("--write-benchmarks", action="store_true", help="replace the quality block in BENCHMARKS.md")
+    ap.add_argument("--block", default="quality", help="which marked block of BENCHMARKS.md --write-benchmarks replaces")
     ap.add_argument("--_peer", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._peer:
-        return peer_main(a._peer, a.config, a.peer_sampler)
+        return peer_main(a._peer, a.config, a.peer_sampler, a.set)
 
     from codiemb.config import load_config
 
-    base = load_config(a.config)
+    base = load_config(a.config, a.set)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     walls_path = out / "walls.json"
@@ -259,7 +270,7 @@ def main() -> None:
         folder = out / name / ("model" if name != "peer" else "")
         if not (folder / "modules.json").exists():
             print(f"training {name} ...", flush=True)
-            walls[name] = _train_peer(a.config, out, a.peer_sampler) if name == "peer" else _train_ours(name, base, out)
+            walls[name] = _train_peer(a.config, out, a.peer_sampler, a.set) if name == "peer" else _train_ours(name, base, out)
             walls_path.write_text(json.dumps(walls, indent=1))
             print(f"trained {name} in {walls[name]:.0f} s", flush=True)
         by[name] = _scored(LABELS[name], str(folder), out / f"{name}.score.json", walls.get(name))
@@ -276,12 +287,12 @@ def main() -> None:
 
     table = format_table(rows)
     notes = verdict(by)
-    cmd = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     text = "\n".join([f"```bash\n.venv/bin/{cmd.strip()}\n```", "", table, "", *[f"- {n}" for n in notes]])
     print(text)
     (out / "quality.md").write_text(text + "\n")
     if a.write_benchmarks:
-        write_benchmarks(text)
+        write_benchmarks(text, block=a.block)
 
 
 if __name__ == "__main__":

@@ -75,5 +75,12 @@ def test_verdict_and_benchmarks_block(quality, tmp_path):
     quality.write_benchmarks("table one", doc)
     quality.write_benchmarks("table two", doc)
     text = doc.read_text()
-    assert text.count(quality.MARK_START) == 1 and "table two" in text and "table one" not in text
+    start, _ = quality.markers()
+    assert start == "<!-- quality:start -->"
+    assert text.count(start) == 1 and "table two" in text and "table one" not in text
     assert text.startswith("# B\n\nintro\n")
+    # a second named block is replaced on its own and leaves the first alone
+    doc.write_text(text + "\n<!-- quality-old:start -->\nold one\n<!-- quality-old:end -->\ntail\n")
+    quality.write_benchmarks("old two", doc, block="old")
+    text = doc.read_text()
+    assert "old two" in text and "old one" not in text and "table two" in text and text.endswith("tail\n")
