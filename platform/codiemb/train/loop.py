@@ -299,8 +299,32 @@ def _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx):
 
 
 # --------------------------------------------------------------------------- one step per task
+def _earlier_layers(cfg: Config, encoder) -> list[int] | None:
+    """hidden_states indices 1..N-1 of every earlier layer when 2D Matryoshka is on (else None)."""
+    mat = cfg.loss.matryoshka
+    if mat is None or not mat.layers:
+        return None
+    return list(range(1, encoder.num_layers))
+
+
+def _loss_2d(loss_fn, cfg: Config, final: tuple, earlier: dict[int, tuple], layer_seed: int):
+    """2D Matryoshka (``losses.matryoshka.matryoshka_2d``) over the last layer and the earlier ones.
+
+    ``earlier`` maps hidden_states index l (1..N-1) to that layer's embeddings; the wrapper's keys
+    are 0-based transformer layers (l-1, the last layer N-1), as sentence-transformers' Matryoshka2dLoss.
+    The sampled layer comes from a generator seeded by the step only, so every rank picks the same one.
+    """
+    from codiemb.losses.matryoshka import matryoshka_2d
+
+    mat = cfg.loss.matryoshka
+    layers = {l - 1: emb for l, emb in earlier.items()}
+    layers[max(earlier, default=0)] = final
+    gen = torch.Generator().manual_seed(int(layer_seed))
+    return matryoshka_2d(loss_fn, mat.dims, mat.weights, kl_weight=mat.layer_kl_weight)(layers, generator=gen)
+
+
 def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext, rng: random.Random,
-                   idx: list[int] | None = None):
+                   idx: list[int] | None = None, layer_seed: int = 0):
     """Multi-positive InfoNCE for one retrieval batch: ``(loss, extras, non-pad tokens)``.
 
     ``rows`` are the batch's records; ``idx`` their indices in ``td.records`` (lets the unpadded
@@ -312,6 +336,7 @@ def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: Di
     from codiemb.losses.ir import info_nce
 
     m, n = td.num_positives, td.num_negatives
+    layer_emb: dict[int, tuple] = {}
     if retrieval_forward(cfg, encoder, td, ctx.device) == "unpadded":
         q, p, tokens = _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx)
     else:
@@ -326,21 +351,29 @@ def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: Di
         tokens = int(qf["attention_mask"].sum() + pf["attention_mask"].sum())
         qf = {k: v.to(ctx.device) for k, v in qf.items()}
         pf = {k: v.to(ctx.device) for k, v in pf.items()}
-        q = encoder(qf)["embedding"]
-        p = encoder(pf)["embedding"]
+        earlier = _earlier_layers(cfg, encoder)
+        qo, po = encoder(qf, layers=earlier), encoder(pf, layers=earlier)
+        q, p = qo["embedding"], po["embedding"]
+        if earlier:
+            layer_emb = {l: (qo["layer_embeddings"][l], po["layer_embeddings"][l].view(len(rows), m + n, -1))
+                         for l in earlier}
     p = p.view(len(rows), m + n, -1)
     gather = cfg.loss.retrieval.gather_across_workers and ctx.world_size > 1
     loss_fn = lambda qq, pp: info_nce(qq, pp, m, temperature=cfg.loss.retrieval.temperature, gather=gather)  # noqa: E731
     if cfg.loss.matryoshka is not None:
         from codiemb.losses.matryoshka import matryoshka
 
-        loss_fn = matryoshka(loss_fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)
-    loss = loss_fn(q, p)
+        if cfg.loss.matryoshka.layers:  # the unpadded path refuses layers, so layer_emb exists here
+            loss = _loss_2d(loss_fn, cfg, (q, p), layer_emb, layer_seed)
+        else:
+            loss = matryoshka(loss_fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)(q, p)
+    else:
+        loss = loss_fn(q, p)
     negatives_seen = len(rows) * ctx.world_size * (1 + n) - 1 if gather else len(rows) * (1 + n) - 1
     return loss, {"negatives_per_query": float(negatives_seen)}, tokens
 
 
-def sts_loss_step(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext):
+def sts_loss_step(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext, layer_seed: int = 0):
     from codiemb.losses.sts import sts_loss
 
     w = cfg.loss.sts
@@ -351,7 +384,8 @@ def sts_loss_step(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: Dis
     if w.mid_nce:
         mid = w.mid_nce_layer if w.mid_nce_layer is not None else max(1, encoder.num_layers // 2)
         layers = [mid]
-    out = encoder(feats, layers=layers)
+    earlier = _earlier_layers(cfg, encoder)
+    out = encoder(feats, layers=sorted(set(layers or []) | set(earlier or [])) or None)
     e1, e2 = out["embedding"][:b], out["embedding"][b:]
     mid1 = mid2 = None
     if layers:
@@ -369,7 +403,11 @@ def sts_loss_step(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: Dis
             parts_box.update(parts)
             return loss
 
-        loss = matryoshka(fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)(e1, e2)
+        if earlier:
+            layer_emb = {l: (out["layer_embeddings"][l][:b], out["layer_embeddings"][l][b:]) for l in earlier}
+            loss = _loss_2d(fn, cfg, (e1, e2), layer_emb, layer_seed)
+        else:
+            loss = matryoshka(fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)(e1, e2)
         parts = parts_box
     else:
         loss, parts = sts_loss(e1, e2, y, w, mid1=mid1, mid2=mid2, score_range=td.score_range, gather=gather)
@@ -477,11 +515,13 @@ def train(
             td = by_name[name]
             rows = [td.records[i] for i in idx]
             step_rng = random.Random(cfg.run.seed * 1_000_003 + step * 101 + ctx.rank)
+            layer_seed = cfg.run.seed * 1_000_003 + step * 101  # 2D Matryoshka: the same layer on every rank
             with autocast:
                 if td.task == "retrieval":
-                    loss, extra, tokens = retrieval_loss(encoder, rows, td, cfg, ctx, step_rng, idx=idx)
+                    loss, extra, tokens = retrieval_loss(encoder, rows, td, cfg, ctx, step_rng, idx=idx,
+                                                         layer_seed=layer_seed)
                 else:
-                    loss, extra, tokens = sts_loss_step(encoder, rows, td, cfg, ctx)
+                    loss, extra, tokens = sts_loss_step(encoder, rows, td, cfg, ctx, layer_seed=layer_seed)
             weight = cfg.loss.task_weights.get(td.task, 1.0) * cfg.loss.task_weights.get(td.name, 1.0)
             (loss * weight / accum).backward()
             done_per_task[name] += 1
