@@ -54,3 +54,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def nodrop_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with dropout probabilities 0 (saved config), so train mode is deterministic."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny-nodrop")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out

@@ -7,9 +7,7 @@ layer that the step-seeded generator picks.
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 
 import pytest
 import torch
@@ -28,19 +26,9 @@ STS = [{"sentence1": "a cat", "sentence2": "a small cat", "score": 4.0},
        {"sentence1": "a man", "sentence2": "a woman", "score": 2.0}]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-nodrop-2d")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
-
-
-def _cfg(model_dir, layers: bool):
+def _cfg(nodrop_model_dir, layers: bool):
     return config_from_dict({
-        "model": {"name": str(model_dir), "max_length": {"query": 12, "passage": 16, "sts": 12}},
+        "model": {"name": str(nodrop_model_dir), "max_length": {"query": 12, "passage": 16, "sts": 12}},
         "loss": {"retrieval": {"temperature": 0.05, "positives": 1, "negatives": 0},
                  "sts": {"cosent": 1.0, "pearson": 0.0, "rank_kl": 0.0, "pro": 0.0, "mid_nce": 0.0},
                  "matryoshka": {"dims": [8, 4], "layers": layers, "layer_kl_weight": 0.7}},
@@ -52,13 +40,13 @@ def _chosen_layer(seed: int, n_earlier: int) -> int:
     return torch.randperm(n_earlier, generator=torch.Generator().manual_seed(seed)).tolist()[0]
 
 
-def test_retrieval_2d_loss_equals_the_hand_written_one(model_dir):
-    enc = Encoder.load(str(model_dir))
+def test_retrieval_2d_loss_equals_the_hand_written_one(nodrop_model_dir):
+    enc = Encoder.load(str(nodrop_model_dir))
     enc.train()
     n_layers = enc.num_layers
     assert n_layers >= 2, "the fixture model needs an earlier layer"
     td = TaskData(name="r", task="retrieval", records=ROWS, batch_size=3, num_positives=1, num_negatives=0)
-    cfg = _cfg(model_dir, True)
+    cfg = _cfg(nodrop_model_dir, True)
     seed = 12345
     loss, _, _ = retrieval_loss(enc, ROWS, td, cfg, DistContext(), random.Random(0), layer_seed=seed)
 
@@ -75,21 +63,21 @@ def test_retrieval_2d_loss_equals_the_hand_written_one(model_dir):
         kl = (layer_kl(q_l, qo["embedding"]) + layer_kl(p_l, po["embedding"].view(3, 1, -1))) / 2
         expected = last + prior + 0.7 * kl
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
-    plain, _, _ = retrieval_loss(enc, ROWS, td, _cfg(model_dir, False), DistContext(), random.Random(0))
+    plain, _, _ = retrieval_loss(enc, ROWS, td, _cfg(nodrop_model_dir, False), DistContext(), random.Random(0))
     assert abs(float(loss.detach()) - float(plain.detach())) > 1e-4  # the earlier layer really counts
 
 
-def test_sts_2d_loss_adds_the_earlier_layer_and_kl(model_dir):
-    enc = Encoder.load(str(model_dir))
+def test_sts_2d_loss_adds_the_earlier_layer_and_kl(nodrop_model_dir):
+    enc = Encoder.load(str(nodrop_model_dir))
     enc.train()
     td = TaskData(name="s", task="sts", records=STS, batch_size=3, score_range=(0.0, 5.0))
     seed = 7
-    loss, _, _ = sts_loss_step(enc, STS, td, _cfg(model_dir, True), DistContext(), layer_seed=seed)
-    plain, _, _ = sts_loss_step(enc, STS, td, _cfg(model_dir, False), DistContext())
+    loss, _, _ = sts_loss_step(enc, STS, td, _cfg(nodrop_model_dir, True), DistContext(), layer_seed=seed)
+    plain, _, _ = sts_loss_step(enc, STS, td, _cfg(nodrop_model_dir, False), DistContext())
     loss.backward()
     # every layer's weights get a gradient, the embeddings too
     assert all(p.grad is not None for n, p in enc.backbone.named_parameters() if "encoder.layer" in n and "weight" in n)
     assert float(loss) > float(plain)  # prior-layer CoSENT (>= 0) and KL (>= 0) are added to the same last-layer term
     # the same seed picks the same layer: the loss is reproducible
-    again, _, _ = sts_loss_step(enc, STS, td, _cfg(model_dir, True), DistContext(), layer_seed=seed)
+    again, _, _ = sts_loss_step(enc, STS, td, _cfg(nodrop_model_dir, True), DistContext(), layer_seed=seed)
     assert float(again) == pytest.approx(float(loss), rel=1e-6)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -51,17 +50,6 @@ def _cfg(model_dir, forward: str, **loss) -> object:
         "loss": {"retrieval": {"temperature": 0.05, "positives": 2, "negatives": 2}, **loss},
         "train": {"retrieval_forward": forward},
     })
-
-
-@pytest.fixture(scope="module")
-def nodrop_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny BERT with dropout probabilities 0 (saved config), so train mode is deterministic."""
-    out = tmp_path_factory.mktemp("tiny-nodrop")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
 
 
 def _step(model_dir, forward: str, rows, *, idx=None, ckpt=False, **loss):

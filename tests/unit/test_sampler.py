@@ -157,3 +157,12 @@ def test_max_steps_extends_proportional_over_epochs():
     assert len(s) == 50
     assert s.steps_per_task() == dict(Counter(n for n, _ in s.plan()))
     assert Counter(n for n, _ in s.plan()[:23]) == Counter(NB)  # first epoch block complete
+
+
+def test_with_one_dataset_every_policy_reads_the_same_batches():
+    """A single-task row (STS-only) trains the same batches under the recipe's temperature sampler
+    as under proportional (BENCHMARKS reuses the STS-only model across the two recipes on this)."""
+    plans = [TaskBatchSampler({"stsb": 5749}, {"stsb": 32}, policy=p, temperature=1.5, epochs=3, seed=0)
+             for p in ("proportional", "temperature")]
+    assert len(plans[0]) == len(plans[1]) == 537  # 3 epochs · ⌊5749 / 32⌋ full batches
+    assert all(plans[0].global_rows(i) == plans[1].global_rows(i) for i in range(537))

@@ -293,7 +293,11 @@ def _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx):
     packed = pre.packed(q_texts + p_texts)
     tokens = int(packed.lengths.sum())
     packed = packed.to(ctx.device)
-    model = UnpaddedBert(encoder.backbone, "auto", gradient_checkpointing=cfg.model.gradient_checkpointing)
+    gc = cfg.model.gradient_checkpointing
+    hit = td.cache.get("unpadded_model")  # built once per dataset and backbone, not every step
+    if hit is None or hit.backbone is not encoder.backbone or hit.gradient_checkpointing != gc:
+        hit = td.cache["unpadded_model"] = UnpaddedBert(encoder.backbone, "auto", gradient_checkpointing=gc)
+    model = hit
     emb = mean_pool_packed(model(packed), packed)
     return emb[: len(rows)], emb[len(rows):], tokens
 
