@@ -83,8 +83,9 @@ def test_loss_sweep_trains_per_trial_and_asha_stops_the_weak(tiny_model_dir, tmp
         assert "loss/sts" in c.data.metrics or "loss/ir" in c.data.metrics
     # trial 1 ran to its final report (FINISHED); trial 2 is KILLED exactly when ASHA stopped it
     status = {c.data.tags["codiemb.trial_id"]: c.info.status for c in children}
+    errors = {c.data.tags["codiemb.trial_id"]: c.data.tags.get("codiemb.error") for c in children}
     by_ordinal = {r["trial"]: r["trial_id"] for r in res.rows}
-    assert status[by_ordinal[1]] == "FINISHED"
+    assert status[by_ordinal[1]] == "FINISHED", errors
     assert status[by_ordinal[2]] == ("KILLED" if len(hist[2]) == 1 else "FINISHED")
     best = json.loads((Path(res.experiment_path) / "best.json").read_text())
     assert best["trial_id"] == res.best_trial and res.output_dir and (Path(res.output_dir) / "modules.json").is_file()

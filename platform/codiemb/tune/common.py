@@ -199,7 +199,8 @@ class TrackingInfo:
 def trial_run(tracking: TrackingInfo | None, run_name: str, tags: Mapping[str, Any] | None = None
               ) -> Iterator[Any]:
     """A nested MLflow run for one trial (``mlflow.parentRunId`` = the sweep's run), or a no-op
-    logger when tracking is off. Marked FAILED (with the error as a tag) when the block raises."""
+    logger when tracking is off. Marked FAILED (with the error as a tag) when the block raises,
+    except when Tune itself is stopping the trial."""
     if tracking is None or tracking.parent_run_id is None:
         yield _NullLogger()
         return
@@ -209,15 +210,33 @@ def trial_run(tracking: TrackingInfo | None, run_name: str, tags: Mapping[str, A
     logger = SafeLogger(tracking.uri, None, experiment=tracking.experiment, run_name=run_name,
                         create_tags=create, retry_after=5.0)
     logger.flush(force=True)  # create the run now, so its id is known
-    status = "FINISHED"
+    stop = tune_stop_event()
     try:
         yield logger
     except BaseException as exc:
-        status = "FAILED"
+        if stop is not None and stop.is_set():
+            # Tune stopped this trial (ASHA, or max_t right after its last report) and the trial's
+            # Train run died with it: not a failure. The run stays open for finish_children, which
+            # settles it (FINISHED or KILLED) from Tune's own record once the sweep is done.
+            log.info("trial %s stopped by Tune (%s)", run_name, one_line(exc, 200))
+            logger.close(end_run=False)
+            return
         logger.set_tags({"codiemb.error": one_line(exc, 500)})
+        logger.close("FAILED")
         raise
-    finally:
-        logger.close(status)
+    logger.close("FINISHED")
+
+
+def tune_stop_event() -> Any:
+    """The event Tune sets when it stops the trial running in this thread (its session's
+    ``stop_event``; Ray has no public call for it), or None outside a Tune trial. Take it when the
+    trial starts: Tune drops the session itself right after setting the event."""
+    try:
+        from ray.train._internal.session import get_session
+
+        return getattr(get_session(), "stop_event", None)
+    except Exception:  # noqa: BLE001 - a private attribute; absent means "cannot tell"
+        return None
 
 
 class _NullLogger:
@@ -247,9 +266,13 @@ def finish_children(tracking: TrackingInfo | None, rows: Sequence[Mapping[str, A
             runs = client.search_runs([exp.experiment_id],
                                       f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'", max_results=10000)
             for run in runs:
-                if run.info.status != "RUNNING":
-                    continue
                 row = by_trial.get(run.data.tags.get("codiemb.trial_id", ""), {})
+                if run.info.status != "RUNNING":
+                    # closed by the trial itself, perhaps before its last metrics got out
+                    for k in (*METRICS.values(), OBJECTIVE):
+                        if _finite(row.get(k)) and k not in run.data.metrics:
+                            client.log_metric(run.info.run_id, k, float(row[k]))
+                    continue
                 if row.get("status") == "ERROR":
                     status = "FAILED"
                 elif row.get("final"):

@@ -82,6 +82,10 @@ class _ReportCallbacks:
         dev = {k[4:]: v for k, v in metrics.items() if k.startswith("dev/")}
         if dev:
             self.dev = _dev_metrics(dev, self.weights)
+            # logged here, before the report that may end the trial: Tune stops a trial (and its
+            # process) as soon as ASHA has its last report, so code after fit() may never run
+            if self.tracker is not None and OBJECTIVE in self.dev:
+                self.tracker.log_metrics({OBJECTIVE: self.dev[OBJECTIVE]}, step=step)
 
     def on_checkpoint(self, step: int, path: Path | None) -> None:
         import ray.train
