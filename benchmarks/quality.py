@@ -21,7 +21,9 @@ without the dev queries, 960 SNLI triplets; 3 epochs, lr 5e-5, linear decay, 10 
   epoch (``--peer-sampler round_robin`` stops each epoch at the smallest dataset: 225 of ~700 steps).
 - fusions of ``ir-only`` and ``sts-only`` (``codiemb.merge``): uniform soup, task arithmetic (λ 1),
   TIES (density 0.2), delta-guided (γ 1), Self Positioning (probe: the recipe's training rows, never
-  dev/test), and ``--best`` (e.g. the merge search's best folder).
+  dev/test; 32 per task, one (a, λ)), its layer-wise variant ``self_positioning_layer`` (one (a, λ)
+  per transformer layer, a 512-per-task probe seen 16 + 16 at a time, the last point), and ``--best``
+  (e.g. the merge search's best folder).
 
 Each trained row runs in its own process (``codiemb train --local`` for ours) and is kept under
 ``--out``: a rerun skips rows whose model exists and reuses cached scores, so the command resumes.
@@ -45,11 +47,16 @@ from score_dev_test import score  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ["ir-only", "sts-only", "naive-joint", "codiemb-joint", "peer"]
-FUSIONS = {"uniform_soup": ("uniform soup (IR-only + STS-only)", {}),
-           "task_arithmetic": ("task arithmetic λ=1 (IR-only + STS-only)", {"lam": 1.0}),
-           "ties": ("TIES density 0.2 (IR-only + STS-only)", {"density": 0.2}),
-           "delta_guided": ("delta-guided γ=1 (IR-only + STS-only)", {"gamma": 1.0}),
-           "self_positioning": ("Self Positioning (IR-only + STS-only)", {})}
+SP_LAYER_PARAMS = {"granularity": "layer", "steps": 120, "batch_size": 16, "select": "last", "lr": 0.05}
+SP_LAYER_PROBE = 512
+# name -> (label, merge method, its parameters, Self Positioning's probe size per task)
+FUSIONS = {"uniform_soup": ("uniform soup (IR-only + STS-only)", "uniform_soup", {}, None),
+           "task_arithmetic": ("task arithmetic λ=1 (IR-only + STS-only)", "task_arithmetic", {"lam": 1.0}, None),
+           "ties": ("TIES density 0.2 (IR-only + STS-only)", "ties", {"density": 0.2}, None),
+           "delta_guided": ("delta-guided γ=1 (IR-only + STS-only)", "delta_guided", {"gamma": 1.0}, None),
+           "self_positioning": ("Self Positioning (IR-only + STS-only)", "self_positioning", {}, 32),
+           "self_positioning_layer": ("Self Positioning, layer-wise (IR-only + STS-only)", "self_positioning",
+                                      SP_LAYER_PARAMS, SP_LAYER_PROBE)}
 LABELS = {"ir-only": "IR-only (codiemb, SciFact + SNLI)", "sts-only": "STS-only (codiemb, STS-B)",
           "naive-joint": "naive joint (mixed batches, one InfoNCE)",
           "codiemb-joint": "CoDiEmb joint (single-task batches, task losses)",
@@ -168,13 +175,13 @@ def peer_main(dest: str, config: str, sampler: str, overrides: list[str] | None 
     model.save(dest)
 
 
-def _fuse(method: str, params: dict, ir: Path, sts: Path, base, out: Path) -> Path:
+def _fuse(method: str, params: dict, ir: Path, sts: Path, base, out: Path, probe_size: int | None = None) -> Path:
     """One merge of the two single-task models; Self Positioning probes the recipe's training rows."""
     from codiemb.config import MergeConfig, MergeModelConfig
     from codiemb.merge.run import load_inputs, merge_in_memory, write_merged
 
     cfg = base.model_copy(deep=True)
-    cfg.merge = MergeConfig(method=method, base_model=base.model.name,
+    cfg.merge = MergeConfig(method=method, base_model=base.model.name, probe_size=probe_size or 32,
                             models=[MergeModelConfig(model=str(ir)), MergeModelConfig(model=str(sts))])
     inputs = load_inputs(cfg)
     sd, extra = merge_in_memory(method, inputs, params=params, cfg=cfg)
@@ -277,10 +284,10 @@ def main() -> None:
         rows.append(by[name])
     if {"ir-only", "sts-only"} <= by.keys():
         for method in [m for m in a.fusions.split(",") if m]:
-            label, params = FUSIONS[method]
+            label, merge_method, params, probe_size = FUSIONS[method]
             folder = out / f"fusion-{method}"
             if not (folder / "modules.json").exists():
-                _fuse(method, params, out / "ir-only/model", out / "sts-only/model", base, folder)
+                _fuse(merge_method, params, out / "ir-only/model", out / "sts-only/model", base, folder, probe_size)
             rows.append(_scored(label, str(folder), out / f"fusion-{method}.score.json", None))
     if a.best:
         rows.append(_scored("merge search's best", str(Path(a.best).resolve()), out / "best.score.json", None))

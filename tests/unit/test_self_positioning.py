@@ -181,3 +181,91 @@ def test_functional_call_over_tiny_hf_bert(tiny_model_dir):
     # the real module's weights were never written
     for k, v in enc.state_dict().items():
         assert torch.equal(v, base[k])
+
+
+def test_parameter_groups_of_bert_keys():
+    from codiemb.merge.self_positioning import parameter_group
+
+    assert parameter_group("0.auto_model.encoder.layer.3.attention.self.query.weight") == "layer.3"
+    assert parameter_group("encoder.layer.11.output.dense.bias") == "layer.11"
+    assert parameter_group("0.auto_model.embeddings.word_embeddings.weight") == "embeddings"
+    assert parameter_group("0.auto_model.pooler.dense.weight") == "other"
+    assert parameter_group("model.layers.0.mlp.up_proj.weight") == "layer.0"  # decoder-style names
+    assert parameter_group("player.1.weight") == "other"  # 'layer' must be a whole name part
+
+
+class TwoLayers(nn.Module):
+    """forward returns the flattened parameters, so the probe below is a quadratic in θ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+
+    def forward(self, features):
+        return {"embedding": torch.cat([p.reshape(-1) for p in self.parameters()])}
+
+
+def test_layer_granularity_takes_each_layer_from_its_own_task():
+    """Both specialists moved both layers, and the probe wants layer 0 from A and layer 1 from B:
+    one (a, λ) for the whole model cannot get there, one per layer can."""
+    from codiemb.merge.self_positioning import parameter_group
+
+    torch.manual_seed(0)
+    net = TwoLayers()
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    da = {k: torch.randn_like(v) for k, v in base.items()}
+    db = {k: torch.randn_like(v) for k, v in base.items()}
+    models = [{k: base[k] + da[k] for k in base}, {k: base[k] + db[k] for k in base}]
+    target_sd = {k: base[k] + (da[k] if k.startswith("layer.0.") else db[k]) for k in base}
+    target = torch.cat([target_sd[k].reshape(-1) for k, _ in net.named_parameters()])
+
+    def probe(f):
+        return ((f({})["embedding"] - target) ** 2).mean()
+
+    whole = self_position(net, base, models, probe, steps=150, lr=0.05, mu=0.0, coefficients="plain")
+    layer = self_position(net, base, models, probe, steps=150, lr=0.05, mu=0.0, coefficients="plain",
+                          granularity="layer")
+    assert set(layer.groups) == {"layer.0", "layer.1"}
+    assert layer.probe_loss < 0.05 * whole.probe_loss
+    assert layer.groups["layer.0"]["coefficients"][0] * layer.groups["layer.0"]["lam"] == pytest.approx(1.0, abs=0.05)
+    assert layer.groups["layer.1"]["coefficients"][1] * layer.groups["layer.1"]["lam"] == pytest.approx(1.0, abs=0.05)
+    # the state dict is θ0 + λ_g Σ a_gk Δ_k, group by group
+    for k in base:
+        gp = layer.groups[parameter_group(k)]
+        want = base[k] + gp["lam"] * (gp["coefficients"][0] * da[k] + gp["coefficients"][1] * db[k])
+        assert torch.allclose(layer.state_dict[k], want, atol=1e-5)
+    # the model-wise result keeps its one (a, λ) and no groups
+    assert whole.groups == {}
+    with pytest.raises(UserError, match="granularity"):
+        self_position(net, base, models, probe, granularity="row")
+    with pytest.raises(UserError, match="select"):
+        self_position(net, base, models, probe, select="first")
+
+
+def test_minibatch_probe_draws_from_torch_rng(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    enc = MeanPoolBert(tiny_model_dir).eval()
+
+    def feats(texts):
+        t = tok(texts, padding=True, return_tensors="pt")
+        return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+
+    q = ["the cat sleeps", "protein gene study of a very long title here", "the car is red", "water"]
+    p = ["a cat is sleeping", "gene protein effect", "a red car in the street today", "fire and water"]
+    s1, s2 = ["the dog runs", "the man reads", "a big tree", "the moon is high"], ["a dog", "the woman writes",
+                                                                                   "a small house", "sun"]
+    scores = torch.tensor([4.0, 2.0, 1.0, 3.0])
+    mb = embedding_probe(ir=(feats(q), feats(p)), sts=(feats(s1), feats(s2), scores), batch_size=2)
+    everything = embedding_probe(ir=(feats(q), feats(p)), sts=(feats(s1), feats(s2), scores), batch_size=4)
+    full = embedding_probe(ir=(feats(q), feats(p)), sts=(feats(s1), feats(s2), scores))
+    with torch.no_grad():
+        assert float(everything(enc)) == pytest.approx(float(full(enc)), rel=1e-6)
+        torch.manual_seed(5)
+        got = float(mb(enc))
+        torch.manual_seed(5)
+        i, j = torch.randperm(4)[:2].tolist(), torch.randperm(4)[:2].tolist()
+        sub = embedding_probe(ir=(feats([q[x] for x in i]), feats([p[x] for x in i])),
+                              sts=(feats([s1[x] for x in j]), feats([s2[x] for x in j]), scores[j]))
+        assert got == pytest.approx(float(sub(enc)), rel=1e-5)

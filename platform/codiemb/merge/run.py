@@ -20,7 +20,9 @@ weights), seconds, and dev scores when asked.
 ``self_positioning`` (arXiv 2410.15035) learns the coefficients a and the scale λ on a balanced
 probe: ``merge.probe_size`` retrieval pairs (query, first positive) sampled from the config's
 retrieval datasets and as many STS pairs from its STS datasets — training data only, never a dev
-or test split. Its parameters: steps, lr, mu, init_lam, coefficients, temperature, seed.
+or test split. Its parameters: steps, lr, mu, init_lam, coefficients, temperature, seed,
+granularity (``model``: one a and λ; ``layer``: one per transformer layer), batch_size (a random
+minibatch of the probe per step; 0 = all of it) and select (``best`` J seen, or ``last``).
 
 Library code: torch + the project's modules only (no Ray, no MLflow); :func:`main` logs to MLflow
 when ``tracking.enabled``.
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 
 SELF_POSITIONING = "self_positioning"
 SELF_POSITIONING_PARAMS = {"steps": 50, "lr": 0.05, "mu": 0.01, "init_lam": 1.0, "coefficients": "softmax",
-                           "temperature": 0.05, "seed": 0}
+                           "temperature": 0.05, "seed": 0, "granularity": "model", "batch_size": 0,
+                           "select": "best"}
 REPORT_FILE = "merge_report.json"
 
 
@@ -160,14 +163,17 @@ def merge_in_memory(method: str, inputs: MergeInputs, weights: Sequence[float] |
             if cfg is None:
                 raise UserError("self_positioning needs a probe set (the config's training data)")
             probe = build_probe(cfg, inputs.encoder, cfg.merge.probe_size if cfg.merge else 32, int(p["seed"]))
-        loss = embedding_probe(ir=probe["ir"], sts=probe["sts"], temperature=float(p["temperature"]))
+        loss = embedding_probe(ir=probe["ir"], sts=probe["sts"], temperature=float(p["temperature"]),
+                               batch_size=int(p["batch_size"]))
         # start from the base weights: self_position reads the module's structure, not its values
         inputs.encoder.load_state_dict(inputs.base)
         res = self_position(inputs.encoder, inputs.base, inputs.models, loss, steps=int(p["steps"]),
                             lr=float(p["lr"]), mu=float(p["mu"]), init_lam=float(p["init_lam"]),
-                            seed=int(p["seed"]), coefficients=str(p["coefficients"]))
+                            seed=int(p["seed"]), coefficients=str(p["coefficients"]),
+                            granularity=str(p["granularity"]), select=str(p["select"]))
         extra = {"learned": {"coefficients": res.coefficients, "lam": res.lam, "probe_loss": res.probe_loss,
-                             "probe_loss_start": res.probe_history[0] if res.probe_history else None},
+                             "probe_loss_start": res.probe_history[0] if res.probe_history else None,
+                             **({"groups": res.groups} if res.groups else {})},
                  "probe": probe.get("counts", {}), "parameters": p}
         return res.state_dict, extra
     if method not in MERGE_METHODS:

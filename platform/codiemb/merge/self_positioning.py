@@ -20,7 +20,13 @@ Our choices (documented here because the DESIGN leaves them open):
 - λ is kept >= 0 by projection (clamped after every step), so μ·λ is a real penalty.
 - the module runs in eval mode (no dropout) while probing, its training flag is restored after;
   RNG use inside the probe is seeded by ``seed`` without touching the global RNG state.
-- the returned point is the best J seen over the ``steps + 1`` evaluations (start included).
+- the returned point is the best J seen over the ``steps + 1`` evaluations (start included); with
+  a stochastic probe (``embedding_probe(batch_size=...)``: a fresh minibatch per evaluation) the
+  J values are not comparable, and ``select="last"`` returns the last point instead.
+- ``granularity="layer"`` (AdaMerging's layer-wise variant, arXiv 2310.02575, in Self Positioning's
+  parameterisation): one (a, λ) per parameter group — the embeddings, each transformer layer
+  (``...layer.N...``), and the rest — so a layer can take more of one task vector than another;
+  the penalty is μ·mean(λ). The start point is still the uniform soup.
 
 No weight is copied per step: the merged parameters are built as tensors on the fly and handed to
 ``torch.func.functional_call(module, params, args, kwargs)``; the module's own weights are never
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -57,6 +64,19 @@ class SelfPositionResult:
     history: list[float]               # J = probe_loss + μ·λ at every evaluation (steps + 1 values)
     probe_loss: float = math.nan       # probe loss (without μ·λ) at the returned point
     probe_history: list[float] = field(default_factory=list)  # probe loss at every evaluation
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # layer granularity: group -> a, λ
+
+
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def parameter_group(key: str) -> str:
+    """The layer-wise group of a state-dict key: ``layer.N`` for transformer layer N,
+    ``embeddings``, or ``other`` (pooler, final norms, heads)."""
+    m = _LAYER.search(key)
+    if m:
+        return f"layer.{int(m.group(1))}"
+    return "embeddings" if "embeddings" in key else "other"
 
 
 def _embedding(out: Any) -> Tensor:
@@ -76,6 +96,7 @@ def embedding_probe(
     *,
     temperature: float = 0.05,
     cosent_scale: float = 20.0,
+    batch_size: int = 0,
 ) -> ProbeLoss:
     """A balanced IR + STS probe loss for an encoder whose ``forward(features)`` returns embeddings.
 
@@ -85,6 +106,10 @@ def embedding_probe(
     similarities (``codiemb.losses.sts.cosent``, λ = ``cosent_scale``). With both given the probe
     is L = ½·L_IR + ½·L_STS; build the two probe sets with the same number of examples ("balanced:
     half IR, half STS").
+
+    ``batch_size`` > 0: each call draws that many IR pairs and that many STS pairs at random
+    (torch's RNG, which :func:`self_position` seeds), so a large probe costs one minibatch a step;
+    0 uses the whole probe every call.
 
     Example::
 
@@ -97,19 +122,34 @@ def embedding_probe(
     if ir is None and sts is None:
         raise UserError("embedding_probe needs an IR probe set, an STS probe set, or both")
 
+    def pick(features: Mapping[str, Tensor], idx: Tensor | None) -> dict[str, Tensor]:
+        if idx is None:
+            return dict(features)
+        out = {k: v[idx] for k, v in features.items()}
+        if "attention_mask" in out:  # trim the columns no row of the minibatch uses
+            width = int(out["attention_mask"].sum(dim=1).max())
+            out = {k: (v[:, :width] if v.dim() == 2 else v) for k, v in out.items()}
+        return out
+
+    def rows(n: int) -> Tensor | None:
+        return torch.randperm(n)[:batch_size] if 0 < batch_size < n else None
+
     def probe_loss(forward: Forward) -> Tensor:
         from codiemb.losses.ir import info_nce
         from codiemb.losses.sts import cosent, cosine
 
         losses = []
         if ir is not None:
-            q = _embedding(forward(dict(ir[0])))
-            p = _embedding(forward(dict(ir[1])))
+            idx = rows(len(next(iter(ir[0].values()))))
+            q = _embedding(forward(pick(ir[0], idx)))
+            p = _embedding(forward(pick(ir[1], idx)))
             losses.append(info_nce(q, p[:, None, :], num_positives=1, temperature=temperature, gather=False))
         if sts is not None:
-            e1 = _embedding(forward(dict(sts[0])))
-            e2 = _embedding(forward(dict(sts[1])))
-            losses.append(cosent(cosine(e1, e2), sts[2].to(e1.device), scale=cosent_scale))
+            idx = rows(len(sts[2]))
+            e1 = _embedding(forward(pick(sts[0], idx)))
+            e2 = _embedding(forward(pick(sts[1], idx)))
+            scores = sts[2] if idx is None else sts[2][idx]
+            losses.append(cosent(cosine(e1, e2), scores.to(e1.device), scale=cosent_scale))
         return torch.stack(losses).mean()
 
     return probe_loss
@@ -135,6 +175,8 @@ def self_position(
     init_lam: float = 1.0,
     seed: int = 0,
     coefficients: str = "softmax",
+    granularity: str = "model",
+    select: str = "best",
 ) -> SelfPositionResult:
     """Optimise θ(a, λ) = θ0 + λ·Σk ak Δk on ``probe_loss`` + μ·λ with Adam (see module docstring).
 
@@ -145,6 +187,10 @@ def self_position(
     """
     if coefficients not in ("softmax", "plain"):
         raise UserError(f"unknown coefficients mode '{coefficients}'; known: softmax, plain")
+    if granularity not in ("model", "layer"):
+        raise UserError(f"unknown self positioning granularity '{granularity}'; known: model, layer")
+    if select not in ("best", "last"):
+        raise UserError(f"unknown self positioning select '{select}'; known: best, last")
     if not 0.0 <= float(mu) < 0.05:
         raise UserError(f"self positioning needs 0 <= mu < 0.05, got {mu}")
     if int(steps) < 0 or float(lr) <= 0 or float(init_lam) < 0:
@@ -165,21 +211,24 @@ def self_position(
     fixed = {key: b.detach().to(device) for key, b in base.items() if key not in theta0}
     run_dtype = {key: own[key].dtype for key in float_keys}
 
-    alpha = torch.zeros(k, device=device, dtype=torch.float64) if coefficients == "softmax" else \
-        torch.full((k,), 1.0 / k, device=device, dtype=torch.float64)
+    names = sorted({parameter_group(key) for key in float_keys}) if granularity == "layer" else ["all"]
+    group_of = {key: names.index(parameter_group(key)) if granularity == "layer" else 0 for key in float_keys}
+    g = len(names)
+    alpha = torch.zeros(g, k, device=device, dtype=torch.float64) if coefficients == "softmax" else \
+        torch.full((g, k), 1.0 / k, device=device, dtype=torch.float64)
     alpha.requires_grad_(True)
-    lam = torch.tensor(float(init_lam), device=device, dtype=torch.float64, requires_grad=True)
+    lam = torch.full((g,), float(init_lam), device=device, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([alpha, lam], lr=float(lr))
 
     def coef(al: Tensor) -> Tensor:
-        return torch.softmax(al, dim=0) if coefficients == "softmax" else al
+        return torch.softmax(al, dim=1) if coefficients == "softmax" else al
 
     def merged(a: Tensor, lm: Tensor) -> dict[str, Tensor]:
         params = dict(fixed)
         for key in float_keys:
-            d = deltas[key]
-            v = torch.tensordot(a.to(d.dtype), d, dims=1)
-            params[key] = (theta0[key] + lm.to(d.dtype) * v).to(run_dtype[key])
+            d, i = deltas[key], group_of[key]
+            v = torch.tensordot(a[i].to(d.dtype), d, dims=1)
+            params[key] = (theta0[key] + lm[i].to(d.dtype) * v).to(run_dtype[key])
         return params
 
     history: list[float] = []
@@ -201,17 +250,18 @@ def self_position(
                 loss = probe_loss(forward)
                 if loss.dim() != 0:
                     raise UserError(f"probe_loss must return a scalar, got shape {tuple(loss.shape)}")
-                obj = loss.to(torch.float64) + float(mu) * lam
+                obj = loss.to(torch.float64) + float(mu) * lam.mean()
                 j, pl = float(obj.detach()), float(loss.detach())
                 if not math.isfinite(j):
                     raise UserError(f"self positioning: the probe loss is not finite at step {step} ({pl})")
                 history.append(j)
                 probes.append(pl)
-                if j < best[0]:
+                if j < best[0] or select == "last":
                     best = (j, pl, a.detach().clone(), lam.detach().clone())
                 if step % 10 == 0 or step == steps:
-                    log.info("self positioning step %d: J=%.5f probe=%.5f lam=%.4f a=%s", step, j, pl,
-                             float(lam.detach()), [round(x, 4) for x in a.detach().tolist()])
+                    log.info("self positioning step %d: J=%.5f probe=%.5f lam=%s a=%s", step, j, pl,
+                             [round(x, 4) for x in lam.detach().tolist()],
+                             [[round(x, 4) for x in row] for row in a.detach().tolist()])
                 if step == steps:
                     break
                 opt.zero_grad(set_to_none=True)
@@ -227,11 +277,15 @@ def self_position(
     with torch.no_grad():
         for key, b in base.items():
             if key in theta0:
-                v = torch.tensordot(a_best.to(deltas[key].dtype), deltas[key], dims=1)
-                state[key] = (theta0[key] + lam_best.to(v.dtype) * v).to(device=b.device, dtype=b.dtype)
+                i = group_of[key]
+                v = torch.tensordot(a_best[i].to(deltas[key].dtype), deltas[key], dims=1)
+                state[key] = (theta0[key] + lam_best[i].to(v.dtype) * v).to(device=b.device, dtype=b.dtype)
             else:
                 state[key] = b.clone()
+    groups = {} if granularity == "model" else {
+        name: {"coefficients": [float(x) for x in a_best[i]], "lam": float(lam_best[i])} for i, name in enumerate(names)}
+    # model granularity: the one (a, λ); layer granularity: their means over the groups (see ``groups``)
     return SelfPositionResult(
-        coefficients=[float(x) for x in a_best], lam=float(lam_best), state_dict=state, history=history,
-        probe_loss=best_probe, probe_history=probes,
+        coefficients=[float(x) for x in a_best.mean(dim=0)], lam=float(lam_best.mean()), state_dict=state,
+        history=history, probe_loss=best_probe, probe_history=probes, groups=groups,
     )
