@@ -22,8 +22,9 @@ without the dev queries, 960 SNLI triplets; 3 epochs, lr 5e-5, linear decay, 10 
 - fusions of ``ir-only`` and ``sts-only`` (``codiemb.merge``): uniform soup, task arithmetic (λ 1),
   TIES (density 0.2), delta-guided (γ 1), Self Positioning (probe: the recipe's training rows, never
   dev/test; 32 per task, one (a, λ)), its layer-wise variant ``self_positioning_layer`` (one (a, λ)
-  per transformer layer, a 512-per-task probe seen 16 + 16 at a time, the last point), and ``--best``
-  (e.g. the merge search's best folder).
+  per transformer layer, a 512-per-task probe seen 16 + 16 at a time, the last point), the same with
+  each task's probe loss divided by its start value (``..._balanced``), and ``--best`` (e.g. the
+  merge search's best folder).
 
 Each trained row runs in its own process (``codiemb train --local`` for ours) and is kept under
 ``--out``: a rerun skips rows whose model exists and reuses cached scores, so the command resumes.
@@ -56,7 +57,10 @@ FUSIONS = {"uniform_soup": ("uniform soup (IR-only + STS-only)", "uniform_soup",
            "delta_guided": ("delta-guided γ=1 (IR-only + STS-only)", "delta_guided", {"gamma": 1.0}, None),
            "self_positioning": ("Self Positioning (IR-only + STS-only)", "self_positioning", {}, 32),
            "self_positioning_layer": ("Self Positioning, layer-wise (IR-only + STS-only)", "self_positioning",
-                                      SP_LAYER_PARAMS, SP_LAYER_PROBE)}
+                                      SP_LAYER_PARAMS, SP_LAYER_PROBE),
+           "self_positioning_layer_balanced": ("Self Positioning, layer-wise, balanced probe (IR-only + STS-only)",
+                                               "self_positioning", {**SP_LAYER_PARAMS, "balance": "start"},
+                                               SP_LAYER_PROBE)}
 LABELS = {"ir-only": "IR-only (codiemb, SciFact + SNLI)", "sts-only": "STS-only (codiemb, STS-B)",
           "naive-joint": "naive joint (mixed batches, one InfoNCE)",
           "codiemb-joint": "CoDiEmb joint (single-task batches, task losses)",

@@ -269,3 +269,31 @@ def test_minibatch_probe_draws_from_torch_rng(tiny_model_dir):
         sub = embedding_probe(ir=(feats([q[x] for x in i]), feats([p[x] for x in i])),
                               sts=(feats([s1[x] for x in j]), feats([s2[x] for x in j]), scores[j]))
         assert got == pytest.approx(float(sub(enc)), rel=1e-5)
+
+
+def test_balanced_probe_weighs_each_task_by_its_start_loss(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    enc = MeanPoolBert(tiny_model_dir).eval()
+    moved = copy.deepcopy(enc)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def feats(texts):
+        t = tok(texts, padding=True, return_tensors="pt")
+        return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+
+    ir = (feats(["the cat sleeps", "protein gene study", "the car is red"]),
+          feats(["a cat is sleeping", "gene protein effect", "a red car"]))
+    sts = (feats(["the dog runs", "the man reads", "a big tree"]), feats(["a dog walks", "the woman writes", "a house"]),
+           torch.tensor([4.0, 2.0, 1.0]))
+    balanced = embedding_probe(ir=ir, sts=sts, balance="start")
+    ir_only, sts_only = embedding_probe(ir=ir), embedding_probe(sts=sts)
+    with torch.no_grad():
+        assert float(balanced(enc)) == pytest.approx(1.0)  # the first call sets the scale: 1 per task
+        want = 0.5 * float(ir_only(moved)) / float(ir_only(enc)) + 0.5 * float(sts_only(moved)) / float(sts_only(enc))
+        assert float(balanced(moved)) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(UserError, match="balance"):
+        embedding_probe(ir=ir, balance="max")

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 SELF_POSITIONING = "self_positioning"
 SELF_POSITIONING_PARAMS = {"steps": 50, "lr": 0.05, "mu": 0.01, "init_lam": 1.0, "coefficients": "softmax",
                            "temperature": 0.05, "seed": 0, "granularity": "model", "batch_size": 0,
-                           "select": "best"}
+                           "select": "best", "balance": "mean"}
 REPORT_FILE = "merge_report.json"
 
 
@@ -164,7 +164,7 @@ def merge_in_memory(method: str, inputs: MergeInputs, weights: Sequence[float] |
                 raise UserError("self_positioning needs a probe set (the config's training data)")
             probe = build_probe(cfg, inputs.encoder, cfg.merge.probe_size if cfg.merge else 32, int(p["seed"]))
         loss = embedding_probe(ir=probe["ir"], sts=probe["sts"], temperature=float(p["temperature"]),
-                               batch_size=int(p["batch_size"]))
+                               batch_size=int(p["batch_size"]), balance=str(p["balance"]))
         # start from the base weights: self_position reads the module's structure, not its values
         inputs.encoder.load_state_dict(inputs.base)
         res = self_position(inputs.encoder, inputs.base, inputs.models, loss, steps=int(p["steps"]),

@@ -97,6 +97,7 @@ def embedding_probe(
     temperature: float = 0.05,
     cosent_scale: float = 20.0,
     batch_size: int = 0,
+    balance: str = "mean",
 ) -> ProbeLoss:
     """A balanced IR + STS probe loss for an encoder whose ``forward(features)`` returns embeddings.
 
@@ -111,6 +112,10 @@ def embedding_probe(
     (torch's RNG, which :func:`self_position` seeds), so a large probe costs one minibatch a step;
     0 uses the whole probe every call.
 
+    ``balance="start"`` divides each task's loss by its value at the first call (the start point),
+    so both tasks weigh the same in relative terms: CoSENT and InfoNCE have different scales, and a
+    plain mean lets the larger one steer the coefficients. ``"mean"`` is the plain ½ + ½.
+
     Example::
 
         enc = Encoder.load("minilm")
@@ -121,6 +126,9 @@ def embedding_probe(
     """
     if ir is None and sts is None:
         raise UserError("embedding_probe needs an IR probe set, an STS probe set, or both")
+    if balance not in ("mean", "start"):
+        raise UserError(f"unknown probe balance '{balance}'; known: mean, start")
+    start: list[Tensor] = []
 
     def pick(features: Mapping[str, Tensor], idx: Tensor | None) -> dict[str, Tensor]:
         if idx is None:
@@ -150,7 +158,12 @@ def embedding_probe(
             e2 = _embedding(forward(pick(sts[1], idx)))
             scores = sts[2] if idx is None else sts[2][idx]
             losses.append(cosent(cosine(e1, e2), scores.to(e1.device), scale=cosent_scale))
-        return torch.stack(losses).mean()
+        stacked = torch.stack(losses)
+        if balance == "start":
+            if not start:
+                start.append(stacked.detach().clamp_min(1e-8))
+            stacked = stacked / start[0]
+        return stacked.mean()
 
     return probe_loss
 
