@@ -50,12 +50,12 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = ["ir-only", "sts-only", "naive-joint", "codiemb-joint", "peer"]
 SP_LAYER_PARAMS = {"granularity": "layer", "steps": 120, "batch_size": 16, "select": "last", "lr": 0.05}
 SP_LAYER_PROBE = 512
-# name -> (label, merge method, its parameters, Self Positioning's probe size per task)
+# name -> (label, merge method, its parameters, Self Positioning's probe size per task; None: the config's)
 FUSIONS = {"uniform_soup": ("uniform soup (IR-only + STS-only)", "uniform_soup", {}, None),
            "task_arithmetic": ("task arithmetic λ=1 (IR-only + STS-only)", "task_arithmetic", {"lam": 1.0}, None),
            "ties": ("TIES density 0.2 (IR-only + STS-only)", "ties", {"density": 0.2}, None),
            "delta_guided": ("delta-guided γ=1 (IR-only + STS-only)", "delta_guided", {"gamma": 1.0}, None),
-           "self_positioning": ("Self Positioning (IR-only + STS-only)", "self_positioning", {}, 32),
+           "self_positioning": ("Self Positioning (IR-only + STS-only)", "self_positioning", {}, None),
            "self_positioning_layer": ("Self Positioning, layer-wise (IR-only + STS-only)", "self_positioning",
                                       SP_LAYER_PARAMS, SP_LAYER_PROBE),
            "self_positioning_layer_balanced": ("Self Positioning, layer-wise, balanced probe (IR-only + STS-only)",
@@ -185,8 +185,9 @@ def _fuse(method: str, params: dict, ir: Path, sts: Path, base, out: Path, probe
     from codiemb.merge.run import load_inputs, merge_in_memory, write_merged
 
     cfg = base.model_copy(deep=True)
-    cfg.merge = MergeConfig(method=method, base_model=base.model.name, probe_size=probe_size or 32,
-                            models=[MergeModelConfig(model=str(ir)), MergeModelConfig(model=str(sts))])
+    cfg.merge = MergeConfig(method=method, base_model=base.model.name,
+                            models=[MergeModelConfig(model=str(ir)), MergeModelConfig(model=str(sts))],
+                            **({"probe_size": probe_size} if probe_size else {}))
     inputs = load_inputs(cfg)
     sd, extra = merge_in_memory(method, inputs, params=params, cfg=cfg)
     return write_merged(inputs, sd, out, {"method": method, "parameters": params, **extra})

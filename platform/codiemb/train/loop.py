@@ -294,10 +294,9 @@ def _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx):
     tokens = int(packed.lengths.sum())
     packed = packed.to(ctx.device)
     gc = cfg.model.gradient_checkpointing
-    hit = td.cache.get("unpadded_model")  # built once per dataset and backbone, not every step
-    if hit is None or hit.backbone is not encoder.backbone or hit.gradient_checkpointing != gc:
-        hit = td.cache["unpadded_model"] = UnpaddedBert(encoder.backbone, "auto", gradient_checkpointing=gc)
-    model = hit
+    model = td.cache.get("unpadded_model")  # built once per dataset and backbone, not every step
+    if model is None or model.backbone is not encoder.backbone or model.gradient_checkpointing != gc:
+        model = td.cache["unpadded_model"] = UnpaddedBert(encoder.backbone, "auto", gradient_checkpointing=gc)
     emb = mean_pool_packed(model(packed), packed)
     return emb[: len(rows)], emb[len(rows):], tokens
 
@@ -518,8 +517,8 @@ def train(
             name, idx = sampler.batch(step, 0 if sharded else ctx.rank)
             td = by_name[name]
             rows = [td.records[i] for i in idx]
-            step_rng = random.Random(cfg.run.seed * 1_000_003 + step * 101 + ctx.rank)
             layer_seed = cfg.run.seed * 1_000_003 + step * 101  # 2D Matryoshka: the same layer on every rank
+            step_rng = random.Random(layer_seed + ctx.rank)
             with autocast:
                 if td.task == "retrieval":
                     loss, extra, tokens = retrieval_loss(encoder, rows, td, cfg, ctx, step_rng, idx=idx,

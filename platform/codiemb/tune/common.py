@@ -267,11 +267,12 @@ def finish_children(tracking: TrackingInfo | None, rows: Sequence[Mapping[str, A
                                       f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'", max_results=10000)
             for run in runs:
                 row = by_trial.get(run.data.tags.get("codiemb.trial_id", ""), {})
-                if run.info.status != "RUNNING":
-                    # closed by the trial itself, perhaps before its last metrics got out
-                    for k in (*METRICS.values(), OBJECTIVE):
-                        if _finite(row.get(k)) and k not in run.data.metrics:
-                            client.log_metric(run.info.run_id, k, float(row[k]))
+                # a run the trial closed itself only gets the final metrics it lacks
+                still_open = run.info.status == "RUNNING"
+                for k in (*METRICS.values(), OBJECTIVE):
+                    if _finite(row.get(k)) and (still_open or k not in run.data.metrics):
+                        client.log_metric(run.info.run_id, k, float(row[k]))
+                if not still_open:
                     continue
                 if row.get("status") == "ERROR":
                     status = "FAILED"
@@ -280,9 +281,6 @@ def finish_children(tracking: TrackingInfo | None, rows: Sequence[Mapping[str, A
                 else:
                     status = "KILLED"
                     client.set_tag(run.info.run_id, "codiemb.stopped_early", "true")
-                for k in (*METRICS.values(), OBJECTIVE):
-                    if _finite(row.get(k)):
-                        client.log_metric(run.info.run_id, k, float(row[k]))
                 client.set_terminated(run.info.run_id, status)
                 closed += 1
     except Exception as exc:  # noqa: BLE001 - bookkeeping must not fail the sweep
