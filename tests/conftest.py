@@ -15,6 +15,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """A function importing ``benchmarks/<name>.py`` as module ``<name>_bench`` (not a package)."""
+    return _load_benchmark
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"{name}_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 _WORDS = (
     "the a an of to in and is are was were be on for with as by at from that this it not no "
     "cat dog man woman child car house tree water fire sun moon red blue green big small good bad "

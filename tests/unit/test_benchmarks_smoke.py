@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,14 +33,6 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
-
-
-def _load_throughput():
-    spec = importlib.util.spec_from_file_location("throughput_bench", REPO / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["throughput_bench"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_pretokenized_batch_equals_encoder_tokenize(tiny_model_dir):
@@ -106,12 +97,13 @@ def test_make_adamw_fused_matches_reference_adamw():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-def test_throughput_script_runs_two_steps_per_side(tiny_model_dir, shared_data, capsys, tmp_path, monkeypatch):
+def test_throughput_script_runs_two_steps_per_side(load_benchmark, tiny_model_dir, shared_data, capsys, tmp_path,
+                                                   monkeypatch):
     pytest.importorskip("datasets")
     pytest.importorskip("accelerate")
     import codiemb.train.loop as loop
 
-    tp = _load_throughput()
+    tp = load_benchmark("throughput")
     calls = []
     real = loop.retrieval_loss
 

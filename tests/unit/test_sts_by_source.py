@@ -3,9 +3,7 @@ source's rows with an uncached encoder (so the embedding cache cannot change a n
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +11,8 @@ import pytest
 from codiemb.evaluate.sts import evaluate_sts
 from codiemb.model.encoder import Encoder
 
-REPO = Path(__file__).resolve().parents[2]
-
 WORDS = ["a cat runs", "the dog sleeps", "a man plays guitar", "rain falls", "the sun is hot", "kids swim",
          "a red car", "an old tree", "birds sing loudly", "water boils"]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("sts_by_source_bench", REPO / "benchmarks" / "sts_by_source.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sts_by_source_bench"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(data: Path) -> dict[str, list[dict]]:
@@ -38,8 +26,8 @@ def _write(data: Path) -> dict[str, list[dict]]:
     return rows
 
 
-def test_each_source_equals_the_evaluator_on_its_rows(tiny_model_dir, tmp_path):
-    bench = _load()
+def test_each_source_equals_the_evaluator_on_its_rows(load_benchmark, tiny_model_dir, tmp_path):
+    bench = load_benchmark("sts_by_source")
     rows = _write(tmp_path / "data")
     got = bench.by_source(str(tiny_model_dir), str(tmp_path / "data"))
     enc = Encoder.load(str(tiny_model_dir))
