@@ -2,8 +2,11 @@
 
 Session fixtures, shared by every integration test:
 
-- ``ray_local``: ``ray.init(num_cpus=4, include_dashboard=False)`` on a fresh local instance
-  (never an existing cluster), shut down at the end of the session.
+- ``ray_local``: ``ray.init(num_cpus=4)`` on a fresh local instance (never an existing cluster),
+  shut down at the end of the session. Its dashboard runs (on a free port on 127.0.0.1), as in
+  ``codiemb``'s own ``init_ray``: Ray Train's placement-group cleaner asks the State API, which the
+  dashboard serves, whether a controller died; without it the placement group of a trainer that a
+  Tune trial stop kills (ASHA) is never removed and its CPUs starve the next trainer.
 - ``s3_endpoint``: moto's real server as a subprocess on a free port; yields
   ``"http://127.0.0.1:PORT"``. While it runs, the environment holds test credentials
   (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` = ``testing``, ``AWS_DEFAULT_REGION`` =
@@ -92,7 +95,8 @@ def ray_local():
     if ray.is_initialized():  # pragma: no cover - someone else started it in this process
         yield ray
         return
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2,
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), object_store_memory=512 * 1024**2,
              log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -30,10 +30,23 @@ def _history(exp_path: Path) -> dict[int, list[dict]]:
     return out
 
 
+def _live_placement_groups(ray, expected: set[str] | None = None, wait_s: float = 30.0) -> set[str]:
+    """Ids of the placement groups not removed; with ``expected``, wait up to wait_s for that set
+    (removal is asynchronous)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        live = {pid for pid, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+        if expected is None or live == expected or time.monotonic() > deadline:
+            return live
+        time.sleep(0.5)
+
+
 def test_loss_sweep_trains_per_trial_and_asha_stops_the_weak(tiny_model_dir, tmp_path, ray_local, mlflow_tracking):
     from mlflow.tracking import MlflowClient
 
-    from codiemb.tune.loss_search import run_loss_search
+    from codiemb.tune.loss_search import run_loss_search, warn_without_state_api
 
     src = tiny_bert(tiny_model_dir, tmp_path / "hf")
     base = _save_encoder(src, tmp_path / "base")
@@ -55,6 +68,8 @@ def test_loss_sweep_trains_per_trial_and_asha_stops_the_weak(tiny_model_dir, tmp
                            "loss.retrieval.temperature": {"type": "loguniform", "low": 0.01, "high": 1.0},
                            "sampler.temperature": {"type": "uniform", "low": 0.5, "high": 4.0}}},
     })
+    assert warn_without_state_api(), "the placement-group cleaner needs the State API (the dashboard)"
+    before_pgs = _live_placement_groups(ray_local)
     res = run_loss_search(cfg)
     assert res.complete and res.n_trials == 2 and res.n_errors == 0
     hist = _history(Path(res.experiment_path))
@@ -89,3 +104,6 @@ def test_loss_sweep_trains_per_trial_and_asha_stops_the_weak(tiny_model_dir, tmp
     assert status[by_ordinal[2]] == ("KILLED" if len(hist[2]) == 1 else "FINISHED")
     best = json.loads((Path(res.experiment_path) / "best.json").read_text())
     assert best["trial_id"] == res.best_trial and res.output_dir and (Path(res.output_dir) / "modules.json").is_file()
+    # every trial's TorchTrainer gave its workers' placement group back, the ASHA-stopped one too
+    # (a leaked one holds its CPUs for the rest of the session and starves the next trainer)
+    assert _live_placement_groups(ray_local, before_pgs) == before_pgs

@@ -207,6 +207,26 @@ def asha_scheduler(cfg: Config):
                          reduction_factor=float(a.get("reduction_factor", 2)), brackets=int(a.get("brackets", 1)))
 
 
+def warn_without_state_api() -> bool:
+    """Warn (and return False) when the cluster serves no State API (it comes with the dashboard).
+
+    A trial that Tune stops (ASHA, or the last report at ``max_t``) kills its TorchTrainer's
+    controller; Ray Train's placement-group cleaner then removes the workers' placement group only
+    after the State API says the controller is dead. Without it every stopped trial keeps its
+    workers' CPUs, and a later trainer waits for them forever.
+    """
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=10, raise_on_missing_output=False)
+        return True
+    except Exception as e:  # no dashboard: connection refused, or the API server is down
+        log.warning("this Ray cluster has no State API (no dashboard): a trial that ASHA stops leaves its "
+                    "trainer's placement group, and its CPUs, held, so the sweep may stall; start Ray with "
+                    "the dashboard (ray[default]; `ray start --head` includes it). (%s)", str(e).splitlines()[0])
+        return False
+
+
 def run_loss_search(cfg: Config) -> SweepResult:
     """Run (or resume) the loss-weight sweep; see the module docstring. The best trial's model is
     copied to ``tune.output`` (default ``<experiment>/best-model``)."""
@@ -228,6 +248,7 @@ def run_loss_search(cfg: Config) -> SweepResult:
     exp_path = root / name
 
     init_ray()
+    warn_without_state_api()
     restoring = cfg.tune.resume and tune.Tuner.can_restore(str(exp_path))
     if exp_path.exists() and not restoring:
         shutil.rmtree(exp_path)
