@@ -107,3 +107,20 @@ def test_loss_sweep_trains_per_trial_and_asha_stops_the_weak(tiny_model_dir, tmp
     # every trial's TorchTrainer gave its workers' placement group back, the ASHA-stopped one too
     # (a leaked one holds its CPUs for the rest of the session and starves the next trainer)
     assert _live_placement_groups(ray_local, before_pgs) == before_pgs
+
+
+def test_a_cluster_without_dashboard_gets_one_warning(tmp_path):
+    """The other side of the check above, on a real Ray instance started without its dashboard (in a
+    child process: this one already holds the session's cluster)."""
+    import subprocess
+
+    code = ("import logging, ray\n"
+            "logging.basicConfig(level=logging.WARNING)\n"
+            "ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+            "from codiemb.tune.loss_search import warn_without_state_api\n"
+            "print('STATE_API', warn_without_state_api())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "STATE_API False" in out.stdout
+    warnings = [line for line in out.stderr.splitlines() if "has no State API" in line]
+    assert len(warnings) == 1 and "dashboard" in warnings[0], out.stderr[-2000:]
