@@ -44,6 +44,31 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_data_mine_negatives(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from codiemb.data.local import read_records
+    from codiemb.data.negatives import corpus_texts, mine_hard_negatives, parse_ranks, write_jsonl_atomic
+    from codiemb.model.encoder import Encoder
+    from codiemb.paths import data_dir
+
+    def resolve(path: str) -> Path:  # as configs do: relative paths may live under the data folder
+        p = Path(path)
+        return p if p.exists() or p.is_absolute() else data_dir(args.data_dir) / p
+
+    ranks = parse_ranks(args.ranks)
+    records = read_records(resolve(args.pairs), "retrieval").records
+    corpus = corpus_texts(resolve(args.corpus))
+    encoder = Encoder.load(args.model)
+    rows = mine_hard_negatives(encoder, records, corpus, num=args.num, ranks=ranks, seed=args.seed,
+                               batch_size=args.batch_size, query_max_length=args.query_max_length,
+                               doc_max_length=args.doc_max_length)
+    write_jsonl_atomic(rows, args.out)
+    print(json.dumps({"out": str(args.out), "rows": len(rows), "corpus": len(set(corpus)),
+                      "negatives": sum(len(r["negatives"]) for r in rows)}))
+    return 0
+
+
 # --------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from codiemb.evaluate.report import markdown_table
@@ -213,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--quarantine", metavar="FILE", help="write bad rows with their reason here (exit 0 if any valid row)")
     pc.add_argument("--max-errors", type=int, default=20, help="errors to print")
     pc.set_defaults(func=cmd_data_check)
+    pm = dsub.add_parser("mine-negatives", help="add hard negatives to retrieval rows, mined from a corpus with a model")
+    pm.add_argument("pairs", help="retrieval JSONL/Parquet (query, positives[, negatives]); relative: under the data folder")
+    pm.add_argument("--corpus", required=True, help="BEIR folder, or a retrieval file whose passages form the corpus")
+    pm.add_argument("--model", default="minilm", help="the encoder that ranks the corpus (default minilm)")
+    pm.add_argument("--out", required=True, help="JSONL to write (atomically)")
+    pm.add_argument("--num", type=int, default=3, help="negatives per row, counting those it has (default 3)")
+    pm.add_argument("--ranks", default="10:100", help="rank window to sample from, 0-based LOW:HIGH (default 10:100)")
+    pm.add_argument("--seed", type=int, default=0)
+    pm.add_argument("--batch-size", type=int, default=64)
+    pm.add_argument("--query-max-length", type=int, default=64)
+    pm.add_argument("--doc-max-length", type=int, default=256)
+    pm.add_argument("--data-dir", help="data folder for relative paths (default: $CODIEMB_DATA, else ../shared/data)")
+    pm.set_defaults(func=cmd_data_mine_negatives)
 
     p = sub.add_parser("evaluate", help="score a model on a benchmark suite")
     p.add_argument("model", help="model alias (minilm), a sentence-transformers folder, or models:/NAME@ALIAS")
