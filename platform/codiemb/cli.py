@@ -45,20 +45,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_mine_negatives(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from codiemb.data.local import read_records
     from codiemb.data.negatives import corpus_texts, mine_hard_negatives, parse_ranks, write_jsonl_atomic
     from codiemb.model.encoder import Encoder
-    from codiemb.paths import data_dir
-
-    def resolve(path: str) -> Path:  # as configs do: relative paths may live under the data folder
-        p = Path(path)
-        return p if p.exists() or p.is_absolute() else data_dir(args.data_dir) / p
+    from codiemb.paths import resolve_data_path  # as in configs: a relative path may be under the data folder
 
     ranks = parse_ranks(args.ranks)
-    records = read_records(resolve(args.pairs), "retrieval").records
-    corpus = corpus_texts(resolve(args.corpus))
+    records = read_records(resolve_data_path(args.pairs, args.data_dir), "retrieval").records
+    corpus = corpus_texts(resolve_data_path(args.corpus, args.data_dir))
     encoder = Encoder.load(args.model)
     rows = mine_hard_negatives(encoder, records, corpus, num=args.num, ranks=ranks, seed=args.seed,
                                batch_size=args.batch_size, query_max_length=args.query_max_length,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,8 +88,10 @@ def test_cli_mines_from_a_beir_folder_and_names_a_bad_line(tiny_model_dir, tmp_p
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": r["query"], "positive": r["positives"][0]}) + "\n" for r in _rows()))
     out = tmp_path / "out" / "mined.jsonl"
-    rc = cli.main(["data", "mine-negatives", str(pairs), "--corpus", str(beir), "--model", str(tiny_model_dir),
-                   "--num", "2", "--ranks", "1:10", "--out", str(out)])
+    # a relative corpus path that is not in the working folder is taken under --data-dir, as in configs
+    assert not (Path.cwd() / "beir").exists()
+    rc = cli.main(["data", "mine-negatives", str(pairs), "--corpus", "beir", "--data-dir", str(tmp_path),
+                   "--model", str(tiny_model_dir), "--num", "2", "--ranks", "1:10", "--out", str(out)])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary == {"out": str(out), "rows": 4, "corpus": len(DOCS), "negatives": 8}
