@@ -134,7 +134,7 @@ class Ours:
         from codiemb.config import config_from_dict
         from codiemb.model.encoder import Encoder
         from codiemb.train.fast_batches import make_adamw
-        from codiemb.train.loop import DistContext, TaskData, pretokenized, retrieval_forward
+        from codiemb.train.loop import DistContext, TaskData, retrieval_forward, store_of
 
         self.opts, self.device, self.rows, self.n_neg = opts, device, rows, n_neg
         lengths = {"query": opts.query_max_length, "passage": opts.passage_max_length}
@@ -154,9 +154,8 @@ class Ours:
         self.ctx = DistContext(device=device)
         self.forward = retrieval_forward(cfg, self.encoder, self.td, device)
         t0 = time.perf_counter()
-        if self.forward == "unpadded":  # as train() does before its first step
-            pretokenized(self.td, self.encoder, cfg)
-        self.pretokenize_s = time.perf_counter() - t0 if self.forward == "unpadded" else 0.0
+        store_of(self.td, self.encoder, cfg)  # as train() does before its first step (its shards)
+        self.pretokenize_s = time.perf_counter() - t0
         if self.forward == "unpadded":
             from codiemb.train.unpadded import resolve_backend
 
@@ -174,8 +173,7 @@ class Ours:
 
         cfg = self.cfg
         rng = random.Random(cfg.run.seed * 1_000_003 + step_no * 101)  # the loop's per-step rng (rank 0)
-        loss, _, tokens = retrieval_loss(self.encoder, [self.rows[i] for i in idx], self.td, cfg, self.ctx, rng,
-                                         idx=idx)
+        loss, _, tokens = retrieval_loss(self.encoder, None, self.td, cfg, self.ctx, rng, idx=idx)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip)
         self.optimizer.step()

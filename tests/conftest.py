@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shards_in_tmp(tmp_path_factory):
+    """Token shards of every test go to one session temp folder, never into the checkout's runs/
+    (a test that wants its own root sets data.shards)."""
+    os.environ["CODIEMB_SHARDS"] = str(tmp_path_factory.mktemp("shards"))
+    yield
+    os.environ.pop("CODIEMB_SHARDS", None)
+
+
 @pytest.fixture(scope="session")
 def load_benchmark():
     """A function importing ``benchmarks/<name>.py`` as module ``<name>_bench`` (not a package)."""

@@ -51,6 +51,7 @@ class DatasetConfig(Strict):
     batch_size: int = Field(32, gt=0)
     instruction: str | None = None
     max_rows: int | None = None
+    negatives: int | None = Field(None, ge=0)  # retrieval: hard-negative slots per row (default loss.retrieval.negatives)
 
 
 class RetrievalDevConfig(Strict):
@@ -69,6 +70,8 @@ class DataConfig(Strict):
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     datasets: list[DatasetConfig] = []
     dev: DevConfig | None = None
+    shards: str | None = None  # token shards (local or s3://); default <storage.path>/shards
+    build_concurrency: int = Field(2, ge=1)  # tokenizer actors of the Ray Data shard build
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DataConfig":

@@ -121,7 +121,7 @@ def test_auto_is_unpadded_here_and_matches_with_matryoshka_subset_and_checkpoint
     got = {"loss": loss.detach(), "grads": {n: p.grad for n, p in enc.backbone.named_parameters() if p.grad is not None}}
     _assert_same(got, padded)
     assert tokens == padded["tokens"]
-    assert len(td.cache["pretok"][1]) == len(rows)  # the whole dataset was tokenized once
+    assert len(td.cache["store"][1]) == len(rows)  # the whole dataset was tokenized once
     ck = _step(nodrop_model_dir, "unpadded", rows, idx=list(range(len(rows))), ckpt=True, **mat)
     _assert_same(ck, auto)
 
@@ -182,10 +182,10 @@ def test_train_default_runs_unpadded_and_matches_padded_first_steps(nodrop_model
         train(cfg, output_dir=tmp_path / forward)
         return [json.loads(x) for x in (tmp_path / forward / "metrics.jsonl").read_text().splitlines()]
 
-    with caplog.at_level(logging.INFO, logger="codiemb.train.loop"):
+    with caplog.at_level(logging.INFO, logger="codiemb"):
         auto = run("auto")
     assert "retrieval dataset r: unpadded forward" in caplog.text
-    assert "tokenized once: 16 rows" in caplog.text
+    assert "read=16 valid=16 quarantined=0; token shards" in caplog.text  # tokenized once, into shards
     padded = run("padded")
     assert [m["step"] for m in auto] == [1, 2]
     assert auto[0]["loss/r"] == pytest.approx(padded[0]["loss/r"], rel=1e-5)

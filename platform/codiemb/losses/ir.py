@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from codiemb.losses.distributed import gather_with_grad, upcast
+from codiemb.losses.distributed import gather_no_grad, gather_with_grad, upcast
 
 
 def info_nce(
@@ -20,6 +20,7 @@ def info_nce(
     temperature: float = 0.02,
     gather: bool = True,
     return_stats: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, int]]:
     r"""Multi-positive InfoNCE over the global batch.
 
@@ -30,6 +31,11 @@ def info_nce(
         temperature: τ (CoDiEmb default 0.02).
         gather: concatenate q and passages from every rank first (``gather_with_grad``), so the
             candidates span the global batch of N = W·B queries. A no-op on one process.
+        mask: optional (B, P) bool, False for an empty slot (a row with fewer positives or
+            negatives than the dataset's fixed m and n). An empty candidate gets logit −∞ for
+            every query; an empty positive slot j of query i drops the term of (i, j) from L_j,
+            which then averages over the queries that have a j-th positive. With every slot
+            filled this is exactly the unmasked loss.
         return_stats: also return ``{"global_batch": N, "candidates": N(1+n),
             "negatives_per_query": N(1+n) − 1}``.
 
@@ -55,20 +61,33 @@ def info_nce(
         raise ValueError(f"info_nce: num_positives={m} but each query has {n_passages} passages")
     n = n_passages - m
 
+    if mask is not None and tuple(mask.shape) != tuple(passages.shape[:2]):
+        raise ValueError(f"info_nce: mask {tuple(mask.shape)} does not match passages {tuple(passages.shape[:2])}")
     if gather:
         q = gather_with_grad(q)
         passages = gather_with_grad(passages)
+        if mask is not None:
+            mask = gather_no_grad(mask.to(torch.uint8)).bool()
     q = F.normalize(upcast(q), dim=-1)
     p = F.normalize(upcast(passages), dim=-1)
     N, D = q.shape
 
     targets = torch.arange(N, device=q.device)
     neg_logits = q @ p[:, m:, :].reshape(N * n, D).T / temperature  # (N, N·n), shared by every j
+    if mask is not None:
+        mask = mask.to(q.device)
+        neg_logits = neg_logits.masked_fill(~mask[:, m:].reshape(1, N * n), float("-inf"))
     total = q.new_zeros(())
     for j in range(m):
         pos_logits = q @ p[:, j, :].T / temperature  # (N, N): query i vs the j-th positive of every query
-        logits = torch.cat([pos_logits, neg_logits], dim=1)
-        total = total + F.cross_entropy(logits, targets)
+        if mask is None:
+            logits = torch.cat([pos_logits, neg_logits], dim=1)
+            total = total + F.cross_entropy(logits, targets)
+            continue
+        valid = mask[:, j]
+        logits = torch.cat([pos_logits.masked_fill(~valid.reshape(1, N), float("-inf")), neg_logits], dim=1)
+        per_query = F.cross_entropy(logits[valid], targets[valid], reduction="sum")
+        total = total + per_query / valid.sum().clamp(min=1)
     loss = total / m
     if return_stats:
         stats = {"global_batch": N, "candidates": N * (1 + n), "negatives_per_query": N * (1 + n) - 1}

@@ -115,30 +115,53 @@ def build_probe(cfg: Config, encoder, size: int, seed: int = 0) -> dict[str, Any
     Returns ``{"ir": (query_features, positive_features) | None, "sts": (f1, f2, scores) | None,
     "counts": {...}}``, ready for :func:`codiemb.merge.self_positioning.embedding_probe`.
     """
-    from codiemb.train.loop import load_task_data
+    from codiemb.train.fast_batches import pad_ids, with_pool_mask
+    from codiemb.train.loop import load_task_data, store_of
 
     if not cfg.data.datasets:
         raise ConfigError("self_positioning needs training data for its probe: data.datasets is empty")
     with tempfile.TemporaryDirectory(prefix="codiemb-probe-") as qdir:
-        tasks, _ = load_task_data(cfg, quarantine_dir=qdir)
+        tasks, _ = load_task_data(cfg, quarantine_dir=qdir)  # the token shards (reused when built)
     rng = random.Random(seed)
-    ir_rows = [r for t in tasks if t.task == "retrieval" for r in t.records]
-    sts = [(r, t.score_range) for t in tasks if t.task == "sts" for r in t.records]
-    ml = cfg.model.max_length
+    ir = _RowsOf([t for t in tasks if t.task == "retrieval"])
+    sts = _RowsOf([t for t in tasks if t.task == "sts"])
     probe: dict[str, Any] = {"ir": None, "sts": None, "counts": {}}
-    if ir_rows:
-        rows = rng.sample(ir_rows, min(size, len(ir_rows)))
-        probe["ir"] = (encoder.tokenize([r["query"] for r in rows], ml.query),
-                       encoder.tokenize([r["positives"][0] for r in rows], ml.passage))
+    if len(ir):
+        picks = [ir[k] for k in rng.sample(range(len(ir)), min(size, len(ir)))]
+        rows = [store_of(t, encoder, cfg).retrieval_row(i) for t, i in picks]
+        pad = store_of(picks[0][0], encoder, cfg).pad_id
+        probe["ir"] = (with_pool_mask(pad_ids([r[0] for r in rows], pad), [r[3] for r in rows]),
+                       pad_ids([r[1][0] for r in rows], pad))
         probe["counts"]["ir"] = len(rows)
-    if sts:
-        rows = rng.sample(sts, min(size, len(sts)))
+    if len(sts):
+        picks = [sts[k] for k in rng.sample(range(len(sts)), min(size, len(sts)))]
+        rows = [(store_of(t, encoder, cfg).sts_row(i), t.score_range) for t, i in picks]
+        pad = store_of(picks[0][0], encoder, cfg).pad_id
         # scores normalised to [0, 1] by each dataset's range: CoSENT only uses their order
-        scores = torch.tensor([(r["score"] - lo) / ((hi - lo) or 1.0) for r, (lo, hi) in rows], dtype=torch.float32)
-        probe["sts"] = (encoder.tokenize([r["sentence1"] for r, _ in rows], ml.sts),
-                        encoder.tokenize([r["sentence2"] for r, _ in rows], ml.sts), scores)
+        scores = torch.tensor([(r[2] - lo) / ((hi - lo) or 1.0) for r, (lo, hi) in rows], dtype=torch.float32)
+        probe["sts"] = (pad_ids([r[0] for r, _ in rows], pad), pad_ids([r[1] for r, _ in rows], pad), scores)
         probe["counts"]["sts"] = len(rows)
     return probe
+
+
+class _RowsOf:
+    """(TaskData, row id) of the k-th row over several datasets, without listing them (row k of the
+    concatenation, as ``rng.sample`` over the concatenated rows would index it)."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+        self.starts = [0]
+        for t in tasks:
+            self.starts.append(self.starts[-1] + len(t))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, k: int):
+        import bisect
+
+        j = bisect.bisect_right(self.starts, k) - 1
+        return self.tasks[j], k - self.starts[j]
 
 
 # --------------------------------------------------------------------------- merging

@@ -1,40 +1,33 @@
-"""Pre-tokenized retrieval batches: tokenize once, then only gather ids (pack or pad) per step.
+"""Batches cut from token shards: pick rows' texts by index, then pad or pack them per step.
 
-The training loop's unpadded retrieval step (:func:`codiemb.train.loop.retrieval_loss` with
-``train.retrieval_forward`` auto/unpadded) uses :class:`PretokenizedRetrieval`: the data
-pipeline's tokenize step (:func:`codiemb.data.tokenize.tokenize_batch`, the same function Ray
-Data runs in ``map_batches``) runs ONCE over a dataset's rows, the first time the loop needs it,
-and a step only picks rows' positives/negatives (the same ``rng`` calls as ``loop._pick``) and
+The training loop never tokenizes: every dataset is tokenized once into token shards
+(:mod:`codiemb.data.shards`, built by :mod:`codiemb.data.build`), and a step only picks its rows'
+positives and negatives (:func:`pick_retrieval`, the same ``rng`` calls on every path) and
 gathers their ids:
 
-- **packed** (:meth:`PretokenizedRetrieval.packed`): queries then passages as one unpadded
-  sequence for :class:`codiemb.train.unpadded.UnpaddedBert` (no compute on padding);
-- **padded to the batch maximum** (:meth:`PretokenizedRetrieval.batch`, dynamic padding), never
-  to ``max_length``: a batch of short queries costs its own length, not 64 or 256 positions;
-- **length bucketing** (:func:`bucketed_order`): rows are sorted by length inside windows of
-  ``bucket_size`` batches, the batches are cut from the sorted runs and then shuffled, so each
-  batch holds rows of similar length (less padding) while batch order stays random;
+- **packed** (``unpadded.pack_lists``): queries then passages as one unpadded sequence for
+  :class:`codiemb.train.unpadded.UnpaddedBert` (no compute on padding);
+- **padded to the batch maximum** (:func:`pad_ids`, dynamic padding), never to ``max_length``;
+  instruction prefixes become a ``pool_mask`` (:func:`with_pool_mask`) from the row's stored
+  pool start, exactly as ``Encoder.tokenize(instruction=...)`` builds it;
+- **fixed slots**: every row of a dataset has m positive and n negative slots (the same on every
+  rank, so gathered tensors agree in shape); a row with fewer texts leaves slots empty, and the
+  loss masks them (``losses.ir.info_nce(mask=...)``);
+- **length bucketing** (:func:`bucketed_order`) for the throughput benchmark;
 - the ids equal ``Encoder.tokenize(texts, max_length)`` (right padding with the pad id,
   truncation at ``max_length``) token for token; ``tests/unit/test_benchmarks_smoke.py`` checks it.
 
-Storage is compact: every text's ids live in ONE flat int32 array with int64 offsets (about 4
-bytes a token, against ~36 for Python lists of ints), so a large dataset fits in a worker.
-
-Instruction prefixes (``pool_mask``) are not handled here: rows with an instruction take the
-padded path, ``Encoder.tokenize`` (see ``retrieval_loss``).
+:class:`PretokenizedRetrieval` is a small view over a store for benchmarks and tests.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from codiemb.data.tokenize import tokenize_batch
-from codiemb.train.unpadded import Packed, pack_lists
 
 
 def pad_ids(seqs, pad_id: int) -> dict[str, torch.Tensor]:
@@ -49,144 +42,119 @@ def pad_ids(seqs, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _pick_indices(count: int, k: int, rng: random.Random) -> list[int]:
-    """Same choice rule and rng calls as ``loop._pick``: all when there are at most ``k``, else
-    ``rng.sample`` of ``k`` (``random.sample`` picks by index, so sampling ``range(count)`` draws
-    the same positions as sampling the list itself)."""
+    """All when there are at most ``k``, else ``rng.sample`` of ``k`` (``random.sample`` picks by
+    index, so sampling ``range(count)`` draws the same positions as sampling the list itself)."""
     if count <= k:
         return list(range(min(count, k)))
     return rng.sample(range(count), k)
 
 
-class _RowTexts:
-    """Read-only view ``view[i]``: row i's query ids (a list) or its passages' ids (a list of lists)."""
-
-    def __init__(self, pre: "PretokenizedRetrieval", field: str):
-        self.pre, self.field = pre, field
-
-    def __len__(self) -> int:
-        return len(self.pre)
-
-    def __getitem__(self, i: int):
-        pre = self.pre
-        if self.field == "query":
-            return pre.text(pre.query_text[i]).tolist()
-        start, count = (pre.pos_start[i], pre.pos_count[i]) if self.field == "positives" else \
-            (pre.neg_start[i], pre.neg_count[i])
-        return [pre.text(start + j).tolist() for j in range(count)]
-
-
 @dataclass
-class PretokenizedRetrieval:
-    """Token ids of every row of one retrieval dataset, tokenized once.
+class RetrievalPick:
+    """One retrieval batch cut from a store: B queries, and per row m positive then n negative slots.
 
-    Texts are numbered; text ``t``'s ids are ``tokens[offsets[t]:offsets[t+1]]``. Row i's query is
-    text ``query_text[i]``, its positives texts ``pos_start[i] + j`` for j < ``pos_count[i]`` (the
-    same for negatives). ``query[i]`` / ``positives[i]`` / ``negatives[i]`` give id lists. Build
-    with :meth:`build`; cut a step with :meth:`pick` + :meth:`packed`, or :meth:`batch` (padded).
+    ``passages`` holds only the texts that exist, in row-major slot order; ``slots`` (B, m+n) says
+    which slots they fill (a row with fewer negatives than n leaves slots empty: padded and
+    masked out of the loss, never dropped). ``pool_starts``: each query's first pooled position.
     """
 
-    tokens: np.ndarray  # (total tokens,) int32
-    offsets: np.ndarray  # (texts + 1,) int64
-    query_text: list[int]
-    pos_start: list[int]
-    pos_count: list[int]
-    neg_start: list[int]
-    neg_count: list[int]
-    pad_id: int
-    num_positives: int = 1
-    num_negatives: int = 0
+    queries: list[np.ndarray]
+    passages: list[np.ndarray]
+    slots: np.ndarray  # (B, m+n) bool
+    pool_starts: list[int]
+
+    @property
+    def full(self) -> bool:
+        return bool(self.slots.all())
+
+
+def pick_retrieval(store, idx: list[int], m: int, n: int, rng: random.Random) -> RetrievalPick:
+    """Rows ``idx`` of ``store``: their queries, up to m positives and up to n negatives each,
+    chosen with ``rng`` (row by row, positives then negatives: the loop's order on every path)."""
+    queries, passages, starts = [], [], []
+    slots = np.zeros((len(idx), m + n), dtype=bool)
+    for b, i in enumerate(idx):
+        q, pos, neg, start = store.retrieval_row(int(i))
+        queries.append(q)
+        starts.append(start)
+        chosen_p = _pick_indices(len(pos), m, rng)
+        chosen_n = _pick_indices(len(neg), n, rng)
+        passages += [pos[j] for j in chosen_p] + [neg[j] for j in chosen_n]
+        slots[b, : len(chosen_p)] = True
+        slots[b, m: m + len(chosen_n)] = True
+    return RetrievalPick(queries, passages, slots, starts)
+
+
+def with_pool_mask(features: dict[str, torch.Tensor], pool_starts: list[int]) -> dict[str, torch.Tensor]:
+    """Add ``pool_mask`` (attention mask without the instruction prefix) when any query has one."""
+    if not any(pool_starts):
+        return features
+    attn = features["attention_mask"]
+    positions = torch.arange(attn.size(1)).expand_as(attn)
+    starts = torch.as_tensor(pool_starts, dtype=torch.long).unsqueeze(1)
+    return dict(features, pool_mask=attn * (positions >= starts).to(attn.dtype))
+
+
+class PretokenizedRetrieval:
+    """Retrieval rows tokenized once, read by index: a thin view over a :class:`ShardStore`
+    (memory-mapped shards on the training path; in memory when built from records here)."""
+
+    def __init__(self, store, num_positives: int = 1, num_negatives: int = 0):
+        self.store = store
+        self.num_positives, self.num_negatives = int(num_positives), int(num_negatives)
+        self.pad_id = store.pad_id
 
     @classmethod
     def build(cls, tokenizer, records: list[dict], max_length, *, num_positives: int = 1, num_negatives: int = 0,
-              chunk: int = 1024) -> "PretokenizedRetrieval":
-        """Tokenize ``records`` (``query``, ``positives``, ``negatives``) with ``tokenize_batch``.
+              instruction: str | None = None) -> "PretokenizedRetrieval":
+        """Tokenize ``records`` (``query``, ``positives``, ``negatives``) into an in-memory store.
 
         ``max_length`` holds ``query`` and ``passage`` (a dict or the config's ``max_length``).
         """
-        if any(r.get("instruction") for r in records):
-            raise ValueError("PretokenizedRetrieval does not handle instruction prefixes; use Encoder.tokenize")
-        lengths = {"query": _get(max_length, "query"), "passage": _get(max_length, "passage"), "sts": 1}
-        parts: list[np.ndarray] = []
-        text_lengths: list[int] = []
-        q_text, p_start, p_count, n_start, n_count = [], [], [], [], []
-        for start in range(0, len(records), chunk):
-            part = records[start: start + chunk]
-            cols = {"query": [r["query"] for r in part], "positives": [r["positives"] for r in part],
-                    "negatives": [r.get("negatives") or [] for r in part]}
-            out = tokenize_batch(tokenizer, cols, "retrieval", lengths)
-            texts: list[list[int]] = []
-            for ids in out["query_input_ids"]:
-                q_text.append(len(text_lengths) + len(texts))
-                texts.append(ids)
-            for field, starts, counts in (("positives", p_start, p_count), ("negatives", n_start, n_count)):
-                for row_ids in out[f"{field}_input_ids"]:
-                    starts.append(len(text_lengths) + len(texts))
-                    counts.append(len(row_ids))
-                    texts += row_ids
-            n_tok = sum(len(t) for t in texts)
-            parts.append(np.fromiter(itertools.chain.from_iterable(texts), dtype=np.int32, count=n_tok))
-            text_lengths += [len(t) for t in texts]
-        offsets = np.zeros(len(text_lengths) + 1, dtype=np.int64)
-        np.cumsum(np.asarray(text_lengths, dtype=np.int64), out=offsets[1:])
-        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return cls(tokens, offsets, q_text, p_start, p_count, n_start, n_count, int(pad_id),
+        from codiemb.data.shards import ShardStore
+
+        lengths = {"query": _get(max_length, "query"), "passage": _get(max_length, "passage")}
+        return cls(ShardStore.from_records(tokenizer, "retrieval", records, lengths, instruction=instruction),
                    num_positives, num_negatives)
 
     def __len__(self) -> int:
-        return len(self.query_text)
+        return len(self.store)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.tokens.size)
+        return int(self.store.stats.get("tokens", 0))
 
     @property
-    def query(self) -> _RowTexts:
-        return _RowTexts(self, "query")
+    def query(self):
+        return _RowView(lambda i: self.store.retrieval_row(i)[0].tolist(), len(self))
 
-    @property
-    def positives(self) -> _RowTexts:
-        return _RowTexts(self, "positives")
-
-    @property
-    def negatives(self) -> _RowTexts:
-        return _RowTexts(self, "negatives")
-
-    def text(self, t: int) -> np.ndarray:
-        """Ids of text ``t`` (int32 view into the flat array)."""
-        return self.tokens[self.offsets[t]: self.offsets[t + 1]]
-
-    def pick(self, idx: list[int], rng: random.Random | None = None) -> tuple[list[int], list[int]]:
-        """Text numbers for rows ``idx``: their queries, and per row its m positives then its n
-        negatives (``loop.retrieval_loss``'s order and ``rng`` calls)."""
-        rng = rng or random.Random(0)
-        passages: list[int] = []
-        m, n = self.num_positives, self.num_negatives
-        for i in idx:
-            ps, ns = self.pos_start[i], self.neg_start[i]
-            passages += [ps + j for j in _pick_indices(self.pos_count[i], m, rng)]
-            passages += [ns + j for j in _pick_indices(self.neg_count[i], n, rng)]
-        return [self.query_text[i] for i in idx], passages
-
-    def packed(self, texts: list[int]) -> Packed:
-        """Texts ``texts`` packed into one unpadded sequence (for ``UnpaddedBert``)."""
-        return pack_lists([self.text(t) for t in texts])
+    def pick(self, idx: list[int], rng: random.Random | None = None) -> RetrievalPick:
+        return pick_retrieval(self.store, idx, self.num_positives, self.num_negatives, rng or random.Random(0))
 
     def passage_ids(self, idx: list[int], rng: random.Random | None = None) -> list[list[int]]:
-        """Per row: its m positives then its n negatives (``loop.retrieval_loss``'s order)."""
-        return [self.text(t).tolist() for t in self.pick(idx, rng)[1]]
+        """Per row: its m positives then its n negatives (the texts that exist)."""
+        return [p.tolist() for p in self.pick(idx, rng).passages]
 
     def batch(self, idx: list[int], rng: random.Random | None = None) -> tuple[dict, dict]:
-        """Padded query and passage features for rows ``idx`` (passages: B·(m+n), row-major)."""
-        q, p = self.pick(idx, rng)
-        return pad_ids([self.text(t) for t in q], self.pad_id), pad_ids([self.text(t) for t in p], self.pad_id)
+        """Padded query and passage features for rows ``idx`` (passages: the filled slots, row-major)."""
+        pk = self.pick(idx, rng)
+        return with_pool_mask(pad_ids(pk.queries, self.pad_id), pk.pool_starts), pad_ids(pk.passages, self.pad_id)
 
     def row_length(self, i: int) -> int:
         """Tokens of row i (query + its first passages): the key for length bucketing."""
-        size = lambda t: int(self.offsets[t + 1] - self.offsets[t])  # noqa: E731
-        return size(self.query_text[i]) + \
-            sum(size(self.pos_start[i] + j) for j in range(min(self.pos_count[i], self.num_positives))) + \
-            sum(size(self.neg_start[i] + j) for j in range(min(self.neg_count[i], self.num_negatives)))
+        q, pos, neg, _ = self.store.retrieval_row(i)
+        return len(q) + sum(len(p) for p in pos[: self.num_positives]) + sum(len(x) for x in neg[: self.num_negatives])
+
+
+class _RowView:
+    def __init__(self, fn, n):
+        self.fn, self.n = fn, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.fn(i)
 
 
 def _get(max_length, key: str) -> int:

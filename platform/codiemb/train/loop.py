@@ -5,13 +5,17 @@ function with its rank and world size (``train/ray_trainer.py``). Every optimize
 on ALL ranks (``TaskBatchSampler``); retrieval steps use multi-positive InfoNCE over the global
 batch, STS steps the order-aware composite. Gradients are averaged over ranks by an all-reduce.
 
+Data: every dataset is tokenized ONCE into token shards (``data/shards.py``, built by
+``data/build.py``; by Ray Data on a cluster) and the loop reads its rows by id, memory-mapped:
+nothing here holds a dataset in Python memory, and no step tokenizes. Retrieval rows fill a
+fixed number of positive and negative slots (the same on every rank); empty slots are masked.
+
 Retrieval steps run the encoder one of two ways (``train.retrieval_forward``, see
-:func:`retrieval_forward`): **unpadded** (the default wherever it is possible): each dataset is
-tokenized once (``fast_batches.PretokenizedRetrieval``, at the start of ``train``), and a step
-packs its queries and passages into one sequence for ``unpadded.UnpaddedBert``, which reads the
+:func:`retrieval_forward`): **unpadded** (the default wherever it is possible): a step packs its
+queries and passages into one sequence for ``unpadded.UnpaddedBert``, which reads the
 backbone's own weights (no compute on padding; gradients, checkpoints and the all-reduce are the
-backbone's as before); **padded**: ``Encoder.tokenize`` every step and the Hugging Face forward
-(instruction prefixes, non-BERT backbones, non-mean pooling). Both give the same loss and
+backbone's as before); **padded**: the ids padded to the batch maximum and the Hugging Face
+forward (instruction prefixes, non-BERT backbones, non-mean pooling). Both give the same loss and
 gradients. STS steps are always padded (short sentences; MidNCE reads a middle layer).
 ``benchmarks/throughput.py`` times :func:`retrieval_loss` itself.
 """
@@ -40,58 +44,105 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- data handed to the loop
 @dataclass
 class TaskData:
-    """One training source: validated records of one task, with its batch size."""
+    """One training source: its token shards (``store``, read by row id) and its batch geometry.
+
+    ``records`` (small in-memory sets: tests, benchmarks) is tokenized into an in-memory store on
+    first use. ``num_positives`` / ``num_negatives`` are the dataset's fixed slot counts, the same
+    on every rank; rows with fewer texts leave slots empty (masked in the loss).
+    """
 
     name: str
     task: str  # "retrieval" | "sts"
-    records: list[dict]
-    batch_size: int
+    records: list[dict] | None = None
+    batch_size: int = 32
     score_range: tuple[float, float] = (0.0, 5.0)
     instruction: str | None = None
     num_positives: int = 1
     num_negatives: int = 0
-    # per-dataset state of the unpadded retrieval path (pre-tokenized ids, decisions); not data
+    store: Any = None  # codiemb.data.shards.ShardStore
+    max_rows: int | None = None
+    # per-dataset state (in-memory store for records, decisions, the unpadded module); not data
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __len__(self) -> int:
+        n = len(self.store) if self.store is not None else len(self.records or [])
+        return min(n, self.max_rows) if self.max_rows is not None else n
 
-def load_task_data(cfg: Config, quarantine_dir: str | Path | None = None) -> tuple[list[TaskData], dict[str, dict]]:
-    """Read and validate every configured dataset with the plain-Python reader (no Ray)."""
-    from codiemb.data.local import read_records
-    from codiemb.paths import resolve_data_path
+
+def load_task_data(cfg: Config, quarantine_dir: str | Path | None = None, *, use_ray: bool = False
+                   ) -> tuple[list[TaskData], dict[str, dict]]:
+    """Build (or reuse) every configured dataset's token shards and open them (``data.build``).
+
+    Without Ray the shards are built by the plain reader in this process; ``use_ray`` builds them
+    with Ray Data on the cluster. Both give the same shard set (same key, same rows, same order).
+    """
+    from codiemb.data.build import build_shards, shards_root, spec_for
 
     tasks: list[TaskData] = []
     counts: dict[str, dict] = {}
+    root = shards_root(cfg)
     for ds in cfg.data.datasets:
-        path = resolve_data_path(ds.path, cfg.data.root)
         qpath = None
         if cfg.data.on_bad_rows == "quarantine":
             qdir = Path(quarantine_dir or ".")
             qdir.mkdir(parents=True, exist_ok=True)
             qpath = str(qdir / f"quarantine-{ds.name}.jsonl")
-        score_range = tuple(ds.score_range) if ds.score_range else (0.0, 5.0)
-        result = read_records(
-            path, ds.task, score_range=score_range if ds.task == "sts" else None, fmt=ds.format, qrels=ds.qrels,
-            on_bad_rows=cfg.data.on_bad_rows, quarantine_path=qpath,
-            max_bad_fraction=cfg.data.max_bad_fraction, max_rows=ds.max_rows,
-        )
-        counts[ds.name] = dict(result.counts)
-        tasks.append(make_task_data(cfg, ds, result.records, score_range))
+        res = build_shards(spec_for(cfg, ds), root, use_ray=use_ray, quarantine_path=qpath,
+                           concurrency=cfg.data.build_concurrency)
+        counts[ds.name] = dict(res.counts, shards=res.set_dir)  # stable across resumes (MLflow params)
+        tasks.append(make_task_data(cfg, ds, store=res.store))
     return tasks, counts
 
 
-def make_task_data(cfg: Config, ds, records: list[dict], score_range=(0.0, 5.0)) -> TaskData:
+def make_task_data(cfg: Config, ds, records: list[dict] | None = None, score_range=None, *, store=None) -> TaskData:
+    """TaskData for config dataset ``ds`` over ``store`` (or in-memory ``records``).
+
+    Slot counts are dataset-wide facts (the manifest's, identical on every rank): m = min(config
+    positives, the most positives a row has), n = min(the dataset's ``negatives`` or the config's,
+    the most negatives a row has). Rows with fewer leave slots empty; none is dropped.
+    """
     m = n = 0
     if ds.task == "retrieval":
-        if not records:
+        if store is not None:
+            stats = store.stats
+            most_pos, most_neg = stats.get("max_positives", 0), stats.get("max_negatives", 0)
+        else:
+            most_pos = max((len(r["positives"]) for r in records or []), default=0)
+            most_neg = max((len(r.get("negatives") or []) for r in records or []), default=0)
+        if (store is not None and len(store) == 0) or (store is None and not records):
             raise DataError(f"dataset {ds.name!r}: no valid rows")
-        m = min(cfg.loss.retrieval.positives, min(len(r["positives"]) for r in records))
-        n = min(cfg.loss.retrieval.negatives, min(len(r["negatives"]) for r in records))
-        if n < cfg.loss.retrieval.negatives:
-            log.info("dataset %s: %d hard negatives per query (config asks %d; the rows have fewer)",
-                     ds.name, n, cfg.loss.retrieval.negatives)
+        want_n = ds.negatives if getattr(ds, "negatives", None) is not None else cfg.loss.retrieval.negatives
+        m = min(cfg.loss.retrieval.positives, most_pos)
+        n = min(want_n, most_neg)
+        if n < want_n:
+            log.info("dataset %s: %d hard-negative slots per query (config asks %d; no row has more)",
+                     ds.name, n, want_n)
+    if score_range is None:
+        score_range = tuple(ds.score_range) if ds.score_range else (0.0, 5.0)
     return TaskData(name=ds.name, task=ds.task, records=records, batch_size=ds.batch_size,
                     score_range=tuple(score_range), instruction=ds.instruction, num_positives=max(m, 1),
-                    num_negatives=n)
+                    num_negatives=n, store=store)
+
+
+def store_of(td: TaskData, encoder, cfg: Config):
+    """``td``'s token store; in-memory ``records`` are tokenized once with ``encoder``'s tokenizer
+    (cached on ``td`` for this tokenizer object and these max lengths)."""
+    if td.store is not None:
+        return td.store
+    from codiemb.data.shards import ShardStore
+
+    ml = cfg.model.max_length
+    key = (ml.query, ml.passage, ml.sts)
+    hit = td.cache.get("store")
+    if hit is not None and hit[0] == key and hit[2] is encoder.tokenizer:
+        return hit[1]
+    t0 = time.perf_counter()
+    store = ShardStore.from_records(encoder.tokenizer, td.task, td.records or [],
+                                    {"query": ml.query, "passage": ml.passage, "sts": ml.sts},
+                                    instruction=td.instruction)
+    td.cache["store"] = (key, store, encoder.tokenizer)
+    log.info("dataset %s: %d in-memory rows tokenized once in %.2f s", td.name, len(store), time.perf_counter() - t0)
+    return store
 
 
 # --------------------------------------------------------------------------- distributed context
@@ -192,10 +243,34 @@ def _maybe_fail(step: int, ctx: DistContext, marker_dir: Path) -> None:
     raise RuntimeError(f"CODIEMB_FAIL_AT: injected failure on rank {ctx.rank} at step {step}")
 
 
-def _pick(items: list[str], k: int, rng: random.Random) -> list[str]:
-    if len(items) <= k:
-        return list(items[:k])
-    return rng.sample(items, k)
+def _maybe_kill(step: int, ctx: DistContext, marker_dir: Path) -> None:
+    """Fault injection: ``CODIEMB_KILL_AT=RANK:STEP`` SIGKILLs this worker process once at that step
+    (no exception, no cleanup: what a lost node or an OOM kill looks like to Ray Train)."""
+    spec = os.environ.get("CODIEMB_KILL_AT")
+    if not spec:
+        return
+    rank_s, step_s = spec.split(":")
+    if int(rank_s) != ctx.rank or int(step_s) != step:
+        return
+    marker = marker_dir / f".kill-injected-rank{ctx.rank}-step{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("killed\n")
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _trace_rows(step: int, ctx: DistContext, name: str, idx: list[int]) -> None:
+    """``CODIEMB_ROW_TRACE=DIR``: append ``{step, rank, dataset, rows}`` to ``DIR/rank<r>.jsonl``
+    (the resume test compares the rows consumed by a killed-and-resumed run with an uninterrupted one)."""
+    folder = os.environ.get("CODIEMB_ROW_TRACE")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{ctx.rank}.jsonl"), "a") as fh:
+        fh.write(json.dumps({"step": step, "rank": ctx.rank, "dataset": name, "rows": [int(i) for i in idx]}) + "\n")
 
 
 # --------------------------------------------------------------------------- retrieval forward: padded or unpadded
@@ -212,7 +287,9 @@ def unpadded_unsupported(cfg: Config, encoder, td: TaskData | None = None) -> st
         return "loss.matryoshka.layers needs every layer's states (the padded forward gives them)"
     if td is not None:
         if "has_instruction" not in td.cache:
-            td.cache["has_instruction"] = bool(td.instruction) or any(r.get("instruction") for r in td.records)
+            td.cache["has_instruction"] = bool(td.instruction) or (
+                td.store.stats.get("with_instruction", 0) > 0 if td.store is not None
+                else any(r.get("instruction") for r in td.records or []))
         if td.cache["has_instruction"]:
             return (f"dataset {td.name!r} has an instruction prefix (pooling skips it through "
                     "Encoder.tokenize's pool_mask, a padded-path feature)")
@@ -255,42 +332,11 @@ def retrieval_forward(cfg: Config, encoder, td: TaskData, device: torch.device |
     return choice
 
 
-def pretokenized(td: TaskData, encoder, cfg: Config):
-    """``td``'s rows tokenized once (``PretokenizedRetrieval``), cached on ``td`` for this tokenizer
-    object and these max lengths / positives / negatives (another tokenizer or lengths: again)."""
-    from codiemb.train.fast_batches import PretokenizedRetrieval
+def _unpadded_embeddings(encoder, pick, td, cfg, ctx):
+    """Queries (B, D) and the filled passage slots (K, D) from ONE packed forward; and the token count."""
+    from codiemb.train.unpadded import UnpaddedBert, mean_pool_packed, pack_lists
 
-    ml = cfg.model.max_length
-    tok = encoder.tokenizer
-    key = (ml.query, ml.passage, td.num_positives, td.num_negatives)
-    hit = td.cache.get("pretok")
-    if hit is not None and hit[0] == key and hit[2] is tok:
-        return hit[1]
-    t0 = time.perf_counter()
-    pre = PretokenizedRetrieval.build(tok, td.records, {"query": ml.query, "passage": ml.passage},
-                                      num_positives=td.num_positives, num_negatives=td.num_negatives)
-    td.cache["pretok"] = (key, pre, tok)
-    log.info("retrieval dataset %s: tokenized once: %d rows, %d tokens (%.1f MB) in %.2f s", td.name, len(pre),
-             pre.num_tokens, (pre.tokens.nbytes + pre.offsets.nbytes) / 1e6, time.perf_counter() - t0)
-    return pre
-
-
-def _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx):
-    """Queries (B, D) and passages (B·(m+n), D) from ONE packed forward; and the token count."""
-    from codiemb.train.fast_batches import PretokenizedRetrieval
-    from codiemb.train.unpadded import UnpaddedBert, mean_pool_packed
-
-    if idx is not None:
-        if len(idx) != len(rows):
-            raise ValueError(f"retrieval_loss: {len(rows)} rows but {len(idx)} indices")
-        pre = pretokenized(td, encoder, cfg)
-    else:  # rows outside td's index space (direct callers): tokenize just these rows
-        ml = cfg.model.max_length
-        pre = PretokenizedRetrieval.build(encoder.tokenizer, rows, {"query": ml.query, "passage": ml.passage},
-                                          num_positives=td.num_positives, num_negatives=td.num_negatives)
-        idx = list(range(len(rows)))
-    q_texts, p_texts = pre.pick(idx, rng)
-    packed = pre.packed(q_texts + p_texts)
+    packed = pack_lists(pick.queries + pick.passages)
     tokens = int(packed.lengths.sum())
     packed = packed.to(ctx.device)
     gc = cfg.model.gradient_checkpointing
@@ -298,7 +344,18 @@ def _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx):
     if model is None or model.backbone is not encoder.backbone or model.gradient_checkpointing != gc:
         model = td.cache["unpadded_model"] = UnpaddedBert(encoder.backbone, "auto", gradient_checkpointing=gc)
     emb = mean_pool_packed(model(packed), packed)
-    return emb[: len(rows)], emb[len(rows):], tokens
+    b = len(pick.queries)
+    return emb[:b], emb[b:], tokens
+
+
+def _fill_slots(found: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, P, D) from the K filled slots' embeddings (row-major), zeros in the empty ones."""
+    b, p = slots.shape
+    if bool(slots.all()):
+        return found.view(b, p, -1)
+    full = found.new_zeros(b * p, found.shape[-1])
+    where = slots.reshape(-1).nonzero().squeeze(1).to(found.device)
+    return full.index_copy(0, where, found).view(b, p, -1)
 
 
 # --------------------------------------------------------------------------- one step per task
@@ -326,43 +383,58 @@ def _loss_2d(loss_fn, cfg: Config, final: tuple, earlier: dict[int, tuple], laye
     return matryoshka_2d(loss_fn, mat.dims, mat.weights, kl_weight=mat.layer_kl_weight)(layers, generator=gen)
 
 
-def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext, rng: random.Random,
-                   idx: list[int] | None = None, layer_seed: int = 0):
+def _rows_store(encoder, rows, td: TaskData, cfg: Config, idx):
+    """The store and row ids of a step: ``td``'s store with ``idx``, or (direct callers passing
+    ``rows`` only) an in-memory store of just those rows."""
+    if idx is not None:
+        return store_of(td, encoder, cfg), list(idx)
+    tmp = TaskData(name=td.name, task=td.task, records=list(rows), instruction=td.instruction)
+    return store_of(tmp, encoder, cfg), list(range(len(rows)))
+
+
+def retrieval_loss(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, ctx: DistContext,
+                   rng: random.Random, idx: list[int] | None = None, layer_seed: int = 0):
     """Multi-positive InfoNCE for one retrieval batch: ``(loss, extras, non-pad tokens)``.
 
-    ``rows`` are the batch's records; ``idx`` their indices in ``td.records`` (lets the unpadded
-    path use the dataset's once-tokenized ids; without it those rows are tokenized now). Each row
-    gets m positives and n negatives chosen by ``_pick`` with ``rng`` (the same calls on both
-    paths, so runs are reproducible and resumable). The forward is :func:`retrieval_forward`'s
-    choice; the loss (``info_nce``, gathered across workers, Matryoshka dims) is the same code.
+    ``idx``: the batch's row ids in ``td``'s store (the loop's way); without it ``rows`` (records)
+    are tokenized now. Each row fills m positive and n negative slots chosen with ``rng``
+    (``fast_batches.pick_retrieval``: the same calls on both forwards, so runs are reproducible
+    and resumable); slots a row cannot fill are masked in the loss. The forward is
+    :func:`retrieval_forward`'s choice; the loss (``info_nce``, gathered across workers,
+    Matryoshka dims) is the same code.
     """
     from codiemb.losses.ir import info_nce
+    from codiemb.train.fast_batches import pad_ids, pick_retrieval, with_pool_mask
 
     m, n = td.num_positives, td.num_negatives
+    store, ids = _rows_store(encoder, rows, td, cfg, idx)
+    pick = pick_retrieval(store, ids, m, n, rng)
+    b = len(ids)
+    slots = torch.from_numpy(pick.slots)
     layer_emb: dict[int, tuple] = {}
     if retrieval_forward(cfg, encoder, td, ctx.device) == "unpadded":
-        q, p, tokens = _unpadded_embeddings(encoder, rows, td, cfg, ctx, rng, idx)
+        q, found, tokens = _unpadded_embeddings(encoder, pick, td, cfg, ctx)
     else:
-        queries = [r["query"] for r in rows]
-        passages: list[str] = []
-        for r in rows:
-            passages += _pick(r["positives"], m, rng) + _pick(r["negatives"], n, rng)
-        ml = cfg.model.max_length
-        instruction = td.instruction or (rows[0].get("instruction") if rows else None)
-        qf = encoder.tokenize(queries, ml.query, instruction=instruction)
-        pf = encoder.tokenize(passages, ml.passage)
+        qf = with_pool_mask(pad_ids(pick.queries, store.pad_id), pick.pool_starts)
+        pf = pad_ids(pick.passages, store.pad_id)
         tokens = int(qf["attention_mask"].sum() + pf["attention_mask"].sum())
         qf = {k: v.to(ctx.device) for k, v in qf.items()}
         pf = {k: v.to(ctx.device) for k, v in pf.items()}
         earlier = _earlier_layers(cfg, encoder)
         qo, po = encoder(qf, layers=earlier), encoder(pf, layers=earlier)
-        q, p = qo["embedding"], po["embedding"]
+        q, found = qo["embedding"], po["embedding"]
         if earlier:
-            layer_emb = {l: (qo["layer_embeddings"][l], po["layer_embeddings"][l].view(len(rows), m + n, -1))
+            layer_emb = {l: (qo["layer_embeddings"][l], _fill_slots(po["layer_embeddings"][l], slots))
                          for l in earlier}
-    p = p.view(len(rows), m + n, -1)
+    p = _fill_slots(found, slots)
     gather = cfg.loss.retrieval.gather_across_workers and ctx.world_size > 1
-    loss_fn = lambda qq, pp: info_nce(qq, pp, m, temperature=cfg.loss.retrieval.temperature, gather=gather)  # noqa: E731
+    # masked whenever ANY row of the dataset may leave a slot empty (a dataset-wide fact, so every
+    # rank makes the same choice and the gathered masks agree without another collective)
+    st = store.stats
+    may_be_empty = st.get("min_positives", m) < m or st.get("min_negatives", n) < n
+    mask = slots.to(q.device) if (may_be_empty or not pick.full) else None
+    loss_fn = lambda qq, pp: info_nce(qq, pp, m, temperature=cfg.loss.retrieval.temperature, gather=gather,  # noqa: E731
+                                      mask=mask)
     if cfg.loss.matryoshka is not None:
         from codiemb.losses.matryoshka import matryoshka
 
@@ -372,16 +444,22 @@ def retrieval_loss(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: Di
             loss = matryoshka(loss_fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)(q, p)
     else:
         loss = loss_fn(q, p)
-    negatives_seen = len(rows) * ctx.world_size * (1 + n) - 1 if gather else len(rows) * (1 + n) - 1
-    return loss, {"negatives_per_query": float(negatives_seen)}, tokens
+    negatives_seen = b * ctx.world_size * (1 + n) - 1 if gather else b * (1 + n) - 1
+    extra = {"negatives_per_query": float(negatives_seen), "empty_slots": float((~pick.slots).sum())}
+    return loss, extra, tokens
 
 
-def sts_loss_step(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: DistContext, layer_seed: int = 0):
+def sts_loss_step(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, ctx: DistContext, layer_seed: int = 0,
+                  idx: list[int] | None = None):
+    """The STS composite for one batch: rows ``idx`` of ``td``'s store (or in-memory ``rows``)."""
     from codiemb.losses.sts import sts_loss
+    from codiemb.train.fast_batches import pad_ids
 
     w = cfg.loss.sts
-    b = len(rows)
-    feats = encoder.tokenize([r["sentence1"] for r in rows] + [r["sentence2"] for r in rows], cfg.model.max_length.sts)
+    store, ids = _rows_store(encoder, rows, td, cfg, idx)
+    pairs = [store.sts_row(i) for i in ids]
+    b = len(pairs)
+    feats = pad_ids([p[0] for p in pairs] + [p[1] for p in pairs], store.pad_id)
     feats = {k: v.to(ctx.device) for k, v in feats.items()}
     layers = None
     if w.mid_nce:
@@ -394,7 +472,7 @@ def sts_loss_step(encoder, rows: list[dict], td: TaskData, cfg: Config, ctx: Dis
     if layers:
         mid_emb = out["layer_embeddings"][layers[0]]
         mid1, mid2 = mid_emb[:b], mid_emb[b:]
-    y = torch.tensor([r["score"] for r in rows], dtype=torch.float32, device=ctx.device)
+    y = torch.tensor([p[2] for p in pairs], dtype=torch.float32, device=ctx.device)
     gather = ctx.world_size > 1
     if cfg.loss.matryoshka is not None:
         from codiemb.losses.matryoshka import matryoshka
@@ -429,19 +507,18 @@ def train(
     stop_after: int | None = None,
     data_counts: dict[str, dict] | None = None,
     resume_from: str | Path | None = None,
-    sharded: bool = False,
     fail_marker_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg`` and write ``<output>/model`` (a sentence-transformers folder).
 
-    ``tasks`` defaults to reading ``cfg.data.datasets`` with the plain reader. ``stop_after``
+    ``tasks`` defaults to the token shards of ``cfg.data.datasets`` (built or reused without
+    Ray, :func:`load_task_data`). Every rank reads its slice of each global batch from the shards
+    by row id (``TaskBatchSampler.batch(step, rank)``), so the rows of a step are a pure function
+    of (seed, step): a resumed run, on any rank, consumes exactly the rows it would have. ``stop_after``
     stops (after checkpointing) at that step, to test resume. With ``resume`` the newest valid
     checkpoint under ``<output>/checkpoints`` (or ``resume_from``, e.g. the checkpoint Ray Train
     hands back after a failure) is restored exactly (weights, optimizer, scheduler, RNG).
 
-    ``sharded``: each rank's ``tasks`` hold only its own shard (Ray Data ``streaming_split``, equal
-    sizes), so every rank draws its batch from its shard with the same task order; otherwise every
-    rank holds all rows and takes its slice of each global batch.
     """
     from codiemb.data.sampler import TaskBatchSampler
     from codiemb.model.encoder import Encoder
@@ -467,11 +544,11 @@ def train(
     encoder.train()
     for t in tasks:  # decide each retrieval dataset's forward now (a ConfigError fails fast); tokenize once
         if t.task == "retrieval" and retrieval_forward(cfg, encoder, t, ctx.device) == "unpadded":
-            pretokenized(t, encoder, cfg)
+            store_of(t, encoder, cfg)
 
     sampler = TaskBatchSampler(
-        {t.name: len(t.records) for t in tasks}, {t.name: t.batch_size for t in tasks},
-        world_size=1 if sharded else ctx.world_size, policy=cfg.sampler.policy, temperature=cfg.sampler.temperature,
+        {t.name: len(t) for t in tasks}, {t.name: t.batch_size for t in tasks},
+        world_size=ctx.world_size, policy=cfg.sampler.policy, temperature=cfg.sampler.temperature,
         epochs=cfg.train.epochs, seed=cfg.run.seed,
     )
     total_steps = len(sampler) if cfg.train.max_steps is None else min(cfg.train.max_steps, len(sampler))
@@ -514,21 +591,22 @@ def train(
     try:
         for step in range(start_step, total_steps):
             _maybe_fail(step, ctx, Path(fail_marker_dir) if fail_marker_dir else out)
-            name, idx = sampler.batch(step, 0 if sharded else ctx.rank)
+            _maybe_kill(step, ctx, Path(fail_marker_dir) if fail_marker_dir else out)
+            name, idx = sampler.batch(step, ctx.rank)
             td = by_name[name]
-            rows = [td.records[i] for i in idx]
+            _trace_rows(step, ctx, name, idx)
             layer_seed = cfg.run.seed * 1_000_003 + step * 101  # 2D Matryoshka: the same layer on every rank
             step_rng = random.Random(layer_seed + ctx.rank)
             with autocast:
                 if td.task == "retrieval":
-                    loss, extra, tokens = retrieval_loss(encoder, rows, td, cfg, ctx, step_rng, idx=idx,
+                    loss, extra, tokens = retrieval_loss(encoder, None, td, cfg, ctx, step_rng, idx=idx,
                                                          layer_seed=layer_seed)
                 else:
-                    loss, extra, tokens = sts_loss_step(encoder, rows, td, cfg, ctx, layer_seed=layer_seed)
+                    loss, extra, tokens = sts_loss_step(encoder, None, td, cfg, ctx, layer_seed=layer_seed, idx=idx)
             weight = cfg.loss.task_weights.get(td.task, 1.0) * cfg.loss.task_weights.get(td.name, 1.0)
             (loss * weight / accum).backward()
             done_per_task[name] += 1
-            window_samples += len(rows) * ctx.world_size
+            window_samples += len(idx) * ctx.world_size
             window_tokens += tokens * ctx.world_size
             last_losses[name] = float(loss.detach())
 

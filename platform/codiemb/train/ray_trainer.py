@@ -1,9 +1,12 @@
 """Ray Train wiring: a ``TorchTrainer`` whose worker body is the plain loop (``train/loop.py``).
 
-- Data: each configured dataset is read and validated with Ray Data on the driver
-  (``data/readers.py``) and handed to the trainer; Ray Train splits it across workers with
-  ``streaming_split(equal=True)``, so every worker holds an equal shard and the task-batch
-  sampler gives every worker a full batch of the same task at each step.
+- Data: before the trainer starts, each configured dataset is validated and tokenized ONCE by a
+  Ray Data job on the cluster into token shards on storage (``data/build.py``; reused when its
+  key matches, so a re-submitted job, a restarted worker or a Tune trial never tokenizes again).
+  Workers get only the shard sets' locations and read their rows of each step by row id,
+  memory-mapped (``data/shards.py``): a worker's memory does not grow with the corpus, and the
+  rows of step k are the same after any restart (no ``streaming_split``, whose block-to-worker
+  assignment depends on who asks first).
 - Negatives: the IR loss gathers queries and passages from all workers (gloo on CPU, NCCL on GPU).
 - Storage and fault tolerance: ``RunConfig(storage_path, name=run.name)`` with a deterministic
   name, so a re-submitted job finds its checkpoints and resumes; ``FailureConfig(max_failures)``
@@ -99,16 +102,11 @@ class _RayCallbacks:
         ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:06d}")
 
 
-def _rows(shard) -> list[dict]:
-    out = []
-    for row in shard.iter_rows():
-        rec = {}
-        for k, v in row.items():
-            if hasattr(v, "tolist"):
-                v = v.tolist()
-            rec[k] = v
-        out.append(rec)
-    return out
+def open_tasks(cfg: Config, shard_sets: dict[str, str]) -> list[TaskData]:
+    """Every configured dataset's TaskData over its shard set (opened, not read)."""
+    from codiemb.data.shards import ShardStore
+
+    return [make_task_data(cfg, ds, store=ShardStore.open(shard_sets[ds.name])) for ds in cfg.data.datasets]
 
 
 def _rank_placement(world: int) -> list[dict]:
@@ -136,11 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
 
-    tasks: list[TaskData] = []
-    for ds in cfg.data.datasets:
-        rows = _rows(ray.train.get_dataset_shard(ds.name))
-        score_range = tuple(ds.score_range) if ds.score_range else (0.0, 5.0)
-        tasks.append(make_task_data(cfg, ds, rows, score_range))
+    tasks = open_tasks(cfg, config["shard_sets"])
 
     resume_from = None
     run_id = config.get("mlflow_run_id")
@@ -165,7 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
         tracker = SafeLogger(cfg.tracking.uri, run_id, experiment=cfg.tracking.experiment)
     callbacks = _RayCallbacks(rank, tracker, run_id)
     result = train(cfg, tasks, output_dir=workdir / "out", ctx=ctx, callbacks=callbacks,
-                   resume=resume_from is not None, resume_from=resume_from, sharded=True,
+                   resume=resume_from is not None, resume_from=resume_from,
                    data_counts=config.get("data_counts"), fail_marker_dir=config.get("fail_marker_dir") or run_local)
     placement = _rank_placement(world)
     final = None
@@ -189,27 +183,12 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # --------------------------------------------------------------------------- driver
-def read_datasets_with_ray(cfg: Config, quarantine_dir: Path) -> tuple[dict[str, Any], dict[str, dict]]:
-    from codiemb.data.readers import read_dataset
-    from codiemb.paths import resolve_data_path
+def build_shards_with_ray(cfg: Config, quarantine_dir: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """Build (or reuse) every dataset's token shards with Ray Data; their locations and counts."""
+    from codiemb.train.loop import load_task_data
 
-    datasets, counts = {}, {}
-    for ds in cfg.data.datasets:
-        qpath = None
-        if cfg.data.on_bad_rows == "quarantine":
-            quarantine_dir.mkdir(parents=True, exist_ok=True)
-            qpath = str(quarantine_dir / f"quarantine-{ds.name}.jsonl")
-        score_range = tuple(ds.score_range) if ds.score_range else (0.0, 5.0)
-        data, c = read_dataset(resolve_data_path(ds.path, cfg.data.root), ds.task,
-                               score_range=score_range if ds.task == "sts" else None, fmt=ds.format,
-                               on_bad_rows=cfg.data.on_bad_rows, quarantine_path=qpath,
-                               max_bad_fraction=cfg.data.max_bad_fraction)
-        if ds.max_rows:
-            data = data.limit(ds.max_rows)
-            c = dict(c, used=min(c["valid"], ds.max_rows))
-        datasets[ds.name] = data
-        counts[ds.name] = c
-    return datasets, counts
+    tasks, counts = load_task_data(cfg, quarantine_dir, use_ray=True)
+    return {t.name: counts[t.name]["shards"] for t in tasks}, counts
 
 
 def _storage(cfg: Config):
@@ -251,21 +230,22 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
     local_root = Path(cfg.train.output).parent if cfg.train.output else (
         Path(cfg.storage.path) / cfg.run.name if not cfg.storage.path.startswith("s3://") else Path("runs") / cfg.run.name)
     local_root.mkdir(parents=True, exist_ok=True)
-    datasets, counts = read_datasets_with_ray(cfg, local_root)
+    shard_sets, counts = build_shards_with_ray(cfg, local_root)
     if not resume:
         run_dir = Path(storage_path) / cfg.run.name
         if storage_fs is None and run_dir.exists():
             shutil.rmtree(run_dir)
 
     env = {k: os.environ[k] for k in ("CODIEMB_FAIL_AT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                      "CODIEMB_NO_PROGRESS", "CODIEMB_SKIP_DEV", "CODIEMB_DATA") if k in os.environ}
+                                      "CODIEMB_NO_PROGRESS", "CODIEMB_SKIP_DEV", "CODIEMB_DATA",
+                                      "CODIEMB_KILL_AT", "CODIEMB_ROW_TRACE", "CODIEMB_CACHE", "CODIEMB_S3_ENDPOINT") if k in os.environ}
     fail_marker_dir = None
     if storage_fs is None and not storage_path.startswith("s3://"):
         fail_marker_dir = str(Path(storage_path) / cfg.run.name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": _worker_config(cfg), "mlflow_run_id": mlflow_run_id, "data_counts": counts,
-                           "fail_marker_dir": fail_marker_dir},
+                           "fail_marker_dir": fail_marker_dir, "shard_sets": shard_sets},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
@@ -274,7 +254,6 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             worker_runtime_env={"env_vars": env} if env else None,
         ),
-        datasets=datasets,
     )
     result = trainer.fit()
     if result.error:

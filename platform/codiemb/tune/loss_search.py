@@ -102,17 +102,14 @@ def loss_trial_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from codiemb.train.loop import DistContext, make_task_data, train
-    from codiemb.train.ray_trainer import _rows
+    from codiemb.train.loop import DistContext, train
+    from codiemb.train.ray_trainer import open_tasks
 
     cfg = config_from_dict(config["cfg"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
-    tasks = []
-    for ds in cfg.data.datasets:
-        rows = _rows(ray.train.get_dataset_shard(ds.name))
-        tasks.append(make_task_data(cfg, ds, rows, tuple(ds.score_range) if ds.score_range else (0.0, 5.0)))
+    tasks = open_tasks(cfg, config["shard_sets"])
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
         from codiemb.tracking.mlflow_run import SafeLogger
@@ -122,7 +119,7 @@ def loss_trial_worker(config: dict) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"codiemb-{cfg.run.name}-rank{rank}-"))
     try:
         result = train(cfg, tasks, output_dir=workdir / "out", ctx=ctx, callbacks=callbacks, resume=False,
-                       sharded=True, data_counts=config.get("data_counts"))
+                       data_counts=config.get("data_counts"))
         metrics: dict[str, Any] = {"step": result.steps, "final": 1}
         checkpoint = None
         if rank == 0:
@@ -146,7 +143,7 @@ def loss_trial(config: dict[str, Any], bundle: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from codiemb.train.ray_trainer import read_datasets_with_ray, worker_resources
+    from codiemb.train.ray_trainer import build_shards_with_ray, worker_resources
 
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -158,19 +155,18 @@ def loss_trial(config: dict[str, Any], bundle: dict[str, Any]) -> None:
         if trial_index(ctx.get_trial_dir()) in bundle["fail_trials"]:
             raise RuntimeError(f"CODIEMB_TUNE_FAIL_TRIALS: injected failure in trial {trial_id}")
         workdir = Path(bundle["exp_path"]) / "trainers" / trial_id
-        datasets, counts = read_datasets_with_ray(cfg, workdir)
+        shard_sets, counts = build_shards_with_ray(cfg, workdir)  # built once per sweep: trials reuse them
         env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
         trainer = TorchTrainer(
             loss_trial_worker,
             train_loop_config={"cfg": cfg.to_dict(), "mlflow_run_id": tracker.run_id, "data_counts": counts,
-                               "objective_weights": bundle["objective_weights"]},
+                               "objective_weights": bundle["objective_weights"], "shard_sets": shard_sets},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                    resources_per_worker=worker_resources(cfg)),
             run_config=ray.train.RunConfig(name=trial_id, storage_path=str(Path(bundle["exp_path"]) / "trainers"),
                                            callbacks=[TuneReportCallback()],
                                            failure_config=ray.train.FailureConfig(max_failures=0),
                                            worker_runtime_env={"env_vars": env} if env else None),
-            datasets=datasets,
         )
         result = trainer.fit()
         if result.error:
@@ -253,6 +249,9 @@ def run_loss_search(cfg: Config) -> SweepResult:
     if exp_path.exists() and not restoring:
         shutil.rmtree(exp_path)
     exp_path.mkdir(parents=True, exist_ok=True)
+    from codiemb.train.ray_trainer import build_shards_with_ray
+
+    build_shards_with_ray(cfg, exp_path)  # once, here: every trial with this data and tokenizer reuses them
 
     tracking = None
     parent_ctx = None
