@@ -164,3 +164,46 @@ def test_relative_sqlite_uri_reaches_the_drivers_store(ray_local, tmp_path, tiny
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     steps = [m.step for m in client.get_metric_history(run_id, "lr")]
     assert steps == list(range(1, result.steps + 1)), steps  # every step, logged by rank 0 into this store
+
+
+# --------------------------------------------------------------------------- exact resume after SIGKILL
+def _consumed(trace_dir):
+    """The rows each (step, rank) trained on, the LAST time that step ran (a resumed run re-runs the
+    steps after its checkpoint); and how many step records there were in all."""
+    import collections
+
+    last, records = {}, 0
+    for f in sorted(trace_dir.glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            last[(r["step"], r["rank"])] = (r["dataset"], tuple(r["rows"]))
+            records += 1
+    multiset = collections.Counter((ds, row) for ds, rows in last.values() for row in rows)
+    return last, multiset, records
+
+
+def test_sigkilled_worker_resumes_with_the_rows_and_weights_of_an_uninterrupted_run(ray_local, tmp_path,
+                                                                                    tiny_model_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from codiemb.train.ray_trainer import train_on_ray
+
+    monkeypatch.setenv("CODIEMB_SKIP_DEV", "1")
+    monkeypatch.setenv("CODIEMB_ROW_TRACE", str(tmp_path / "trace-whole"))
+    whole = train_on_ray(_cfg(tmp_path, tiny_model_dir, "run.name=whole", "scaling.max_failures=0"), resume=False)
+    # the same run, rank 1's worker process SIGKILLed at step 7 (mid-epoch; last checkpoint: step 6)
+    monkeypatch.setenv("CODIEMB_ROW_TRACE", str(tmp_path / "trace-killed"))
+    monkeypatch.setenv("CODIEMB_KILL_AT", "1:7")
+    killed = train_on_ray(_cfg(tmp_path, tiny_model_dir, "run.name=killed", "scaling.max_failures=1"), resume=False)
+    assert list((tmp_path / "storage" / "killed").glob(".kill-injected-rank1-step7"))
+    assert killed.resumed_from == 6 and killed.steps == whole.steps
+    last_w, rows_w, n_w = _consumed(tmp_path / "trace-whole")
+    last_k, rows_k, n_k = _consumed(tmp_path / "trace-killed")
+    assert n_k > n_w  # steps 6.. really ran twice on the killed run (once before the kill, once after)
+    assert last_k == last_w  # every (step, rank) trained on the same rows
+    assert rows_k == rows_w and sum(rows_w.values()) == n_w * 4  # the multiset of (dataset, row id)
+    a = load_file(str(tmp_path / "storage" / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "storage" / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

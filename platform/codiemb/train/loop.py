@@ -597,6 +597,9 @@ def train(
             _trace_rows(step, ctx, name, idx)
             layer_seed = cfg.run.seed * 1_000_003 + step * 101  # 2D Matryoshka: the same layer on every rank
             step_rng = random.Random(layer_seed + ctx.rank)
+            # dropout draws from a generator seeded by (seed, step, rank): a resumed rank, whichever
+            # rank's checkpoint it restored, draws exactly what the uninterrupted run drew
+            torch.manual_seed(layer_seed * 7 + 1_000_033 * ctx.rank + 17)
             with autocast:
                 if td.task == "retrieval":
                     loss, extra, tokens = retrieval_loss(encoder, None, td, cfg, ctx, step_rng, idx=idx,
