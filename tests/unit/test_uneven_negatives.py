@@ -40,7 +40,7 @@ def _cfg(model_dir: str):
 
 def _loss(model_dir: str, rank: int, world: int):
     from codiemb.model.encoder import Encoder
-    from codiemb.train.loop import DistContext, TaskData, make_task_data, retrieval_loss
+    from codiemb.train.loop import DistContext, make_task_data, retrieval_loss
 
     cfg = _cfg(model_dir)
     enc = Encoder.load(model_dir)

@@ -92,7 +92,7 @@ def process_block(tokenizer, spec_task: str, files: list[int], names: list[str],
     sorted by (file, line) so the shard's name (its first row) fixes its place in the set.
     """
     order = sorted(range(len(lines)), key=lambda k: (files[k], lines[k]))
-    good, g_files, g_lines = [], [], []
+    good = []
     bad: dict[str, list] = {"file": [], "line": [], "reason": [], "raw": []}
 
     def reject(k: int, reason: str) -> None:
