@@ -22,7 +22,7 @@
 #   MLFLOW_BIN (mlflow), MLFLOW_PYTHON (the python beside MLFLOW_BIN).
 #
 # Clients sign in with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from their environment.
-# Needs: pip install 'mlflow>=3,<4' psycopg2-binary boto3
+# Needs: pip install 'mlflow[auth]>=3,<4' psycopg2-binary boto3   ([auth]: Flask-WTF, which basic-auth needs)
 set -euo pipefail
 umask 077
 
