@@ -1,4 +1,4 @@
-"""redact(): credentials never reach an MLflow param, tag or text artifact."""
+"""redact(): credentials never reach an MLflow param, tag or text artifact; S3 filesystems that Ray pickles carry no keys."""
 
 from __future__ import annotations
 
@@ -92,3 +92,58 @@ def test_environment_snapshot_of_the_real_environment(monkeypatch):
 
     monkeypatch.setenv("CODIEMB_TEST_SNAPSHOT", "x1")
     assert ("CODIEMB_TEST_SNAPSHOT", "x1") in environ_items()
+
+
+# --------------------------------------------------------------------------- S3 credentials and pickling
+# Ray pickles the storage filesystem (RunConfig.storage_filesystem) and every datasource's filesystem
+# to other processes and keeps them in its object store / GCS. A filesystem built with explicit keys
+# carries them along; one built without resolves them on each worker from the standard AWS chain
+# (environment, ~/.aws, web identity / IRSA, instance profile).
+_AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-K7MDENG-bPxRfiCY",
+            "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLESESSIONTOKEN", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _pickled_secrets(obj) -> list[str]:
+    import pickle
+
+    blob = pickle.dumps(obj)
+    return [k for k, v in _AWS_ENV.items() if k != "AWS_DEFAULT_REGION" and v.encode() in blob]
+
+
+def test_pyarrow_s3_filesystem_from_the_default_chain_pickles_no_keys(monkeypatch):
+    """The way codiemb should build S3 filesystems: no keys passed, so none are pickled (pyarrow's
+    default credentials kind is re-resolved wherever the filesystem is unpickled)."""
+    import pyarrow.fs as pafs
+
+    for k, v in _AWS_ENV.items():
+        monkeypatch.setenv(k, v)
+    fs = pafs.S3FileSystem(region="us-east-1", endpoint_override="127.0.0.1:9", scheme="http")
+    assert _pickled_secrets(fs) == []
+    # ... while keys passed explicitly do travel with it: what the test below guards against
+    explicit = pafs.S3FileSystem(access_key=_AWS_ENV["AWS_ACCESS_KEY_ID"], secret_key=_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+                                 region="us-east-1")
+    assert "AWS_SECRET_ACCESS_KEY" in _pickled_secrets(explicit)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "data/local.py::open_filesystem passes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN to "
+    "pyarrow's S3FileSystem explicitly, so the filesystem that train/ray_trainer.py::_storage hands to "
+    "RunConfig(storage_filesystem=...) and the readers hand to Ray Data is pickled with the keys. Fix there "
+    "(not this owner's file): drop those three kwargs; remove this xfail then."))
+@pytest.mark.parametrize("where", ["open_filesystem", "ray_trainer._storage"])
+def test_s3_filesystems_that_ray_pickles_carry_no_keys(monkeypatch, where):
+    for k, v in _AWS_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CODIEMB_S3_ENDPOINT", "http://127.0.0.1:9")
+    if where == "open_filesystem":
+        from codiemb.data.local import open_filesystem
+
+        fs, _ = open_filesystem("s3://bucket/runs")
+    else:
+        from codiemb.config import config_from_dict
+        from codiemb.train.ray_trainer import _storage
+
+        cfg = config_from_dict({"storage": {"path": "s3://bucket/runs", "endpoint_url": "http://127.0.0.1:9"}})
+        _, fs = _storage(cfg)
+    assert fs is not None and fs.type_name == "s3"
+    assert _pickled_secrets(fs) == []

@@ -36,11 +36,15 @@ log = logging.getLogger(__name__)
 
 MASK = "***"
 
-#: MLflow's limits (mlflow.utils.validation); copied so that importing this module stays cheap.
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
+#: The limits an MLflow server enforces on what one run logs. MLflow documents them (REST API
+#: ``log-batch``) but exports them only from the private ``mlflow.utils.validation``, so they are
+#: copied here (which also keeps this module cheap to import). tests/integration/test_private_apis.py
+#: compares them with MLflow's and logs values at exactly these limits to a real server.
+MAX_PARAM_VALUE = 6000  # characters in a param value (MAX_PARAM_VAL_LENGTH)
+MAX_TAG_VALUE = 8000  # characters in a tag value (MAX_TAG_VAL_LENGTH)
+MAX_KEY_LENGTH = 250  # characters in a param, tag or metric key (MAX_ENTITY_KEY_LENGTH)
+MAX_PARAMS_PER_BATCH = 100  # params + tags in one log_batch (MAX_PARAMS_TAGS_PER_BATCH)
+MAX_METRICS_PER_BATCH = 1000  # metrics in one log_batch (MAX_METRICS_PER_BATCH)
 
 # --------------------------------------------------------------------------- redaction
 _SECRET_KEY = re.compile(
@@ -263,12 +267,12 @@ class SafeLogger:
 
     def log_params(self, params: Mapping[str, Any]) -> bool:
         for k, v in redact(params).items():
-            self._params[str(k)[:250]] = _param_value(v)
+            self._params[str(k)[:MAX_KEY_LENGTH]] = _param_value(v)
         return self.flush()
 
     def set_tags(self, tags: Mapping[str, Any]) -> bool:
         for k, v in redact(tags).items():
-            self._tags[str(k)[:250]] = str(v)[:MAX_TAG_VALUE]
+            self._tags[str(k)[:MAX_KEY_LENGTH]] = str(v)[:MAX_TAG_VALUE]
         return self.flush()
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> bool:
@@ -349,14 +353,10 @@ class SafeLogger:
     def _ensure_run(self) -> None:
         if self.run_id is not None:
             return
-        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-        tags = dict(self._create_tags)
-        if self.run_name:
-            tags[MLFLOW_RUN_NAME] = self.run_name
-        run = self.client.create_run(exp_id, tags=tags, run_name=self.run_name)
+        # run_name= sets the run's name (and its mlflow.runName tag) through the public API
+        run = self.client.create_run(exp_id, tags=dict(self._create_tags), run_name=self.run_name)
         self.run_id = run.info.run_id
         log.info("created MLflow run %s once the server answered", self.run_id)
 

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -227,16 +228,47 @@ def trial_run(tracking: TrackingInfo | None, run_name: str, tags: Mapping[str, A
     logger.close("FINISHED")
 
 
-def tune_stop_event() -> Any:
-    """The event Tune sets when it stops the trial running in this thread (its session's
-    ``stop_event``; Ray has no public call for it), or None outside a Tune trial. Take it when the
-    trial starts: Tune drops the session itself right after setting the event."""
+def tune_stop_event() -> threading.Event | None:
+    """The event Tune sets when it stops the trial running in this thread, or None outside a Tune trial.
+
+    Take it when the trial starts: Tune drops the session itself right after setting the event.
+
+    Ray has no public call for it: this reads ``stop_event`` of Tune's trial session from
+    ``ray.train._internal.session.get_session()`` (private; the pin on ray in pyproject.toml is
+    for it). tests/integration/test_private_apis.py runs it in a real Tune trial that Tune stops,
+    so a Ray that moves it fails that test; at run time such a Ray gets one warning, and the
+    trials Tune stops are then recorded as FAILED instead of KILLED / FINISHED.
+    """
     try:
         from ray.train._internal.session import get_session
-
-        return getattr(get_session(), "stop_event", None)
-    except Exception:  # noqa: BLE001 - a private attribute; absent means "cannot tell"
+    except ImportError as exc:
+        _private_api_gone(f"ray.train._internal.session.get_session cannot be imported ({exc})")
         return None
+    session = get_session()
+    if session is None:  # not inside a Tune trial
+        return None
+    stop = getattr(session, "stop_event", None)
+    if not isinstance(stop, threading.Event):
+        _private_api_gone(f"Tune's trial session ({type(session).__name__}) has no stop_event")
+        return None
+    return stop
+
+
+_warned_private: set[str] = set()
+
+
+def _private_api_gone(what: str) -> None:
+    if what in _warned_private:
+        return
+    _warned_private.add(what)
+    try:
+        import ray
+
+        version = ray.__version__
+    except Exception:  # noqa: BLE001
+        version = "?"
+    log.warning("codiemb cannot tell when Tune stops a trial on Ray %s: %s. Trials that Tune stops early "
+                "will be marked FAILED in MLflow; install the Ray version pyproject.toml pins.", version, what)
 
 
 class _NullLogger:
