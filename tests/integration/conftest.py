@@ -18,6 +18,13 @@ Session fixtures, shared by every integration test:
 from __future__ import annotations
 
 import os
+
+# Fake credentials for moto, in the environment BEFORE any Ray instance starts: codiemb never puts
+# S3 keys into objects Ray pickles, so Ray's worker processes resolve them from their own
+# environment (the standard AWS chain), which they inherit from this process at ray.init.
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_k, _v)
 import socket
 import subprocess
 import sys

@@ -67,14 +67,15 @@ def test_shards_on_s3_are_built_by_ray_and_read_through_the_cache(ray_local, s3_
     assert again.reused
 
     @ray.remote
-    def read_on_a_worker(set_dir, cache):
+    def read_on_a_worker(set_dir, cache, endpoint):
         import os
 
         os.environ["CODIEMB_CACHE"] = cache
+        os.environ["CODIEMB_S3_ENDPOINT"] = endpoint  # as ray_trainer's worker_runtime_env passes it
         store = ShardStore.open(set_dir)
         return len(store), store.sts_row(0)[2], store.sts_row(len(store) - 1)[2]
 
-    n, first, last = ray.get(read_on_a_worker.remote(res.set_dir, str(tmp_path / "worker-cache")))
+    n, first, last = ray.get(read_on_a_worker.remote(res.set_dir, str(tmp_path / "worker-cache"), s3_endpoint))
     plain = build_shards(spec, str(tmp_path / "plain"))
     assert (n, first, last) == (1500, plain.store.sts_row(0)[2], plain.store.sts_row(1499)[2])
     assert list((tmp_path / "worker-cache" / "shards").rglob("tokens.npy"))  # downloaded once, memory-mapped

@@ -125,11 +125,6 @@ def test_pyarrow_s3_filesystem_from_the_default_chain_pickles_no_keys(monkeypatc
     assert "AWS_SECRET_ACCESS_KEY" in _pickled_secrets(explicit)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "data/local.py::open_filesystem passes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN to "
-    "pyarrow's S3FileSystem explicitly, so the filesystem that train/ray_trainer.py::_storage hands to "
-    "RunConfig(storage_filesystem=...) and the readers hand to Ray Data is pickled with the keys. Fix there "
-    "(not this owner's file): drop those three kwargs; remove this xfail then."))
 @pytest.mark.parametrize("where", ["open_filesystem", "ray_trainer._storage"])
 def test_s3_filesystems_that_ray_pickles_carry_no_keys(monkeypatch, where):
     for k, v in _AWS_ENV.items():

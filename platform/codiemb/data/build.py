@@ -132,14 +132,14 @@ def process_block(tokenizer, spec_task: str, files: list[int], names: list[str],
 class ShardBlockWriter:
     """Ray Data callable class: loads the tokenizer once per actor, then runs :func:`process_block`."""
 
-    def __init__(self, model: str, task: str, max_length: dict, score_range, instruction, set_dir: str,
+    def __init__(self, model: str, task: str, max_length: dict, score_range, instruction, fs, root: str,
                  file_index: dict[str, int]):
         from codiemb.data.tokenize import load_tokenizer
 
         self.tokenizer = load_tokenizer(model)
         self.task, self.max_length, self.score_range, self.instruction = task, max_length, score_range, instruction
-        self.set_dir = set_dir
-        self.fs, self.root = open_root(set_dir)  # the filesystem is made here, on the worker (its own credentials)
+        # the driver's filesystem object (endpoint, region; no keys: this process resolves its own)
+        self.fs, self.root = fs, root
         self.file_index = file_index
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -196,9 +196,10 @@ def _ray_results(spec: ShardSpec, fs, files: list[str], found: str, set_dir: str
                                                      rows_per_block=BLOCK_ROWS))
     if spec.max_rows is not None:
         raw = raw.limit(spec.max_rows)
+    sfs, sroot = open_root(set_dir)
     out = raw.map_batches(
         ShardBlockWriter, batch_size=None, batch_format="pyarrow",
-        fn_constructor_args=(spec.model, spec.task, _lengths(spec), score_range, spec.instruction, set_dir,
+        fn_constructor_args=(spec.model, spec.task, _lengths(spec), score_range, spec.instruction, sfs, sroot,
                              file_index),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, concurrency)), num_cpus=1,
         udf_modifying_row_count=True)
@@ -217,8 +218,9 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
     fs, root = local.open_filesystem(spec.path)
     source = local.display_name(fs, root)
     found, files = local.resolve_files(fs, root, spec.fmt)
-    key_files = file_identity(fs, files if found != "beir" else
-                              [f"{root}/corpus.jsonl", f"{root}/queries.jsonl", f"{root}/qrels/{spec.qrels}.tsv"])
+    key_files = [[local.display_name(fs, p), size, mtime] for p, size, mtime in file_identity(
+        fs, files if found != "beir" else
+        [f"{root}/corpus.jsonl", f"{root}/queries.jsonl", f"{root}/qrels/{spec.qrels}.tsv"])]
     key = shard_key({"files": key_files, "task": spec.task, "fmt": found, "qrels": spec.qrels if found == "beir" else None,
                      "score_range": score_range, "max_rows": spec.max_rows, "instruction": spec.instruction,
                      "tokenizer": tokenizer_fingerprint(spec.model), "max_length": _lengths(spec)})

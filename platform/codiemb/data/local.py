@@ -63,8 +63,10 @@ def open_filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
     ``s3://bucket/key`` gives an ``S3FileSystem`` for ``bucket/key``. The endpoint override
     (e.g. ``http://127.0.0.1:9000`` for a local S3 server) comes from ``$CODIEMB_S3_ENDPOINT``,
-    ``$AWS_ENDPOINT_URL_S3`` or ``$AWS_ENDPOINT_URL``; keys and region from the usual AWS
-    variables are passed explicitly, so the filesystem pickles to Ray workers with them.
+    ``$AWS_ENDPOINT_URL_S3`` or ``$AWS_ENDPOINT_URL``, the region from the usual AWS variables.
+    Credentials are NOT put into the filesystem: pyarrow resolves them from the standard AWS chain
+    (environment, shared credentials file, instance profile / IRSA) in whichever process uses it,
+    so a filesystem that Ray pickles to another process carries no secret.
     """
     uri = os.fspath(uri)
     if uri.startswith("s3://"):
@@ -78,11 +80,6 @@ def open_filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
-        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-            kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-            kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-            if os.environ.get("AWS_SESSION_TOKEN"):
-                kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
         return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
