@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from codiemb.config import config_from_dict
 from codiemb.errors import ConfigError
 from codiemb.model.encoder import Encoder
-from codiemb.train.loop import DistContext, TaskData, average_gradients, retrieval_forward, retrieval_loss, train
+from codiemb.train.loop import DistContext, TaskData, retrieval_forward, retrieval_loss, train, wrap_for_ddp
 from codiemb.train.unpadded import unsupported_reason
 
 W = "cat dog man woman child car house tree water fire sun moon red blue green big small".split()
@@ -214,9 +214,9 @@ def _gloo_worker(rank: int, init_file: str, out_dir: str, model_dir: str) -> Non
         td = TaskData(name="ret", task="retrieval", records=rows, batch_size=B, num_positives=2, num_negatives=2)
         idx = list(range(rank * B, (rank + 1) * B))
         forward = retrieval_forward(cfg, enc, td, ctx.device)
+        ctx.model = wrap_for_ddp(enc, ctx)  # as train() does: DDP averages the gradients during backward
         loss, extra, tokens = retrieval_loss(enc, [rows[i] for i in idx], td, cfg, ctx, random.Random(rank), idx=idx)
         loss.backward()
-        average_gradients(enc, ctx)
         grads = {n: p.grad.detach().clone() for n, p in enc.backbone.named_parameters() if p.grad is not None}
         torch.save({"loss": loss.detach(), "grads": grads, "extra": extra, "tokens": tokens, "forward": forward},
                    Path(out_dir) / f"rank{rank}.pt")

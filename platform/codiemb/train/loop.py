@@ -3,7 +3,8 @@
 One process runs it with ``codiemb train CONFIG --local``; each Ray Train worker runs the same
 function with its rank and world size (``train/ray_trainer.py``). Every optimizer step is ONE task
 on ALL ranks (``TaskBatchSampler``); retrieval steps use multi-positive InfoNCE over the global
-batch, STS steps the order-aware composite. Gradients are averaged over ranks by an all-reduce.
+batch, STS steps the order-aware composite. Gradients are averaged over ranks by PyTorch DDP
+(``EncoderStep``; ``ray.train.torch.prepare_model`` on Ray), overlapped with the backward pass.
 
 Data: every dataset is tokenized ONCE into token shards (``data/shards.py``, built by
 ``data/build.py``; by Ray Data on a cluster) and the loop reads its rows by id, memory-mapped:
@@ -13,8 +14,8 @@ fixed number of positive and negative slots (the same on every rank); empty slot
 Retrieval steps run the encoder one of two ways (``train.retrieval_forward``, see
 :func:`retrieval_forward`): **unpadded** (the default wherever it is possible): a step packs its
 queries and passages into one sequence for ``unpadded.UnpaddedBert``, which reads the
-backbone's own weights (no compute on padding; gradients, checkpoints and the all-reduce are the
-backbone's as before); **padded**: the ids padded to the batch maximum and the Hugging Face
+backbone's own weights (no compute on padding; gradients, checkpoints and DDP's gradient sync are
+the backbone's as before); **padded**: the ids padded to the batch maximum and the Hugging Face
 forward (instruction prefixes, non-BERT backbones, non-mean pooling). Both give the same loss and
 gradients. STS steps are always padded (short sentences; MidNCE reads a middle layer).
 ``benchmarks/throughput.py`` times :func:`retrieval_loss` itself.
@@ -22,6 +23,7 @@ gradients. STS steps are always padded (short sentences; MidNCE reads a middle l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -151,28 +153,67 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    model: Any = None  # the DDP-wrapped EncoderStep during a multi-process train(); None otherwise
+    prepare_model: Any = None  # how to wrap it (ray.train.torch.prepare_model on Ray); None: torch DDP
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def average_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
-    """All-reduce (mean) every gradient across ranks: one flat buffer, one collective."""
-    if ctx.world_size <= 1:
-        return
+class EncoderStep(torch.nn.Module):
+    """The one module every forward of a step goes through, so that PyTorch DDP can wrap it.
+
+    ``forward(features, layers)`` is the encoder's padded forward; ``forward(packed=P, path=K)``
+    runs the packed (unpadded) forward ``K`` registered with :meth:`add_path`. DDP
+    (``torch.nn.parallel.DistributedDataParallel``, or ``ray.train.torch.prepare_model`` on Ray)
+    then all-reduces (averages) gradients bucket by bucket DURING backward, overlapping
+    communication with compute, instead of one all-reduce after it. A step may call forward
+    several times (queries, passages) before its one backward: each parameter's gradient is
+    summed in the graph and DDP's hook fires once per parameter.
+    """
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self._paths: dict[str, Any] = {}  # not submodules: they read the encoder's own weights
+
+    def add_path(self, key: str, module) -> None:
+        self._paths[key] = module
+
+    def forward(self, features: dict | None = None, layers: list[int] | None = None, packed=None,
+                path: str | None = None):
+        if packed is not None:
+            return self._paths[path](packed)
+        return self.encoder(features, layers=layers)
+
+
+def _forward(encoder, ctx: "DistContext", features=None, layers=None, packed=None, path=None, module=None):
+    """A forward through the DDP-wrapped step module when there is one (ctx.model), else directly."""
+    if ctx.model is None:
+        return module(packed) if packed is not None else encoder(features, layers=layers)
+    if packed is not None:
+        ctx.model.module.add_path(path, module)
+        return ctx.model(packed=packed, path=path)
+    return ctx.model(features=features, layers=layers)
+
+
+def wrap_for_ddp(encoder, ctx: "DistContext", prepare=None):
+    """``EncoderStep(encoder)`` wrapped in DDP (``prepare`` is e.g. ``ray.train.torch.prepare_model``;
+    default: ``torch.nn.parallel.DistributedDataParallel``). No wrap on one process."""
     import torch.distributed as dist
 
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= ctx.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    if ctx.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    step = EncoderStep(encoder)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # its own process group: DDP's bucket all-reduces never interleave with the losses' gathers
+    kwargs = {"find_unused_parameters": True, "process_group": dist.new_group(backend=dist.get_backend())}
+    if prepare is not None:
+        return prepare(step, kwargs)
+    ids = [ctx.device.index] if ctx.device.type == "cuda" and ctx.device.index is not None else None
+    return DistributedDataParallel(step, device_ids=ids, **kwargs)
 
 
 # --------------------------------------------------------------------------- hooks
@@ -203,6 +244,7 @@ class TrainResult:
     dev: dict[str, Any] | None = None
     data_counts: dict[str, dict] | None = None
     resumed_from: int | None = None
+    grad_sync: str | None = None  # "DistributedDataParallel", or "none (one process)"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -343,7 +385,7 @@ def _unpadded_embeddings(encoder, pick, td, cfg, ctx):
     model = td.cache.get("unpadded_model")  # built once per dataset and backbone, not every step
     if model is None or model.backbone is not encoder.backbone or model.gradient_checkpointing != gc:
         model = td.cache["unpadded_model"] = UnpaddedBert(encoder.backbone, "auto", gradient_checkpointing=gc)
-    emb = mean_pool_packed(model(packed), packed)
+    emb = mean_pool_packed(_forward(encoder, ctx, packed=packed, path=f"unpadded:{td.name}", module=model), packed)
     b = len(pick.queries)
     return emb[:b], emb[b:], tokens
 
@@ -421,7 +463,7 @@ def retrieval_loss(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, 
         qf = {k: v.to(ctx.device) for k, v in qf.items()}
         pf = {k: v.to(ctx.device) for k, v in pf.items()}
         earlier = _earlier_layers(cfg, encoder)
-        qo, po = encoder(qf, layers=earlier), encoder(pf, layers=earlier)
+        qo, po = _forward(encoder, ctx, qf, layers=earlier), _forward(encoder, ctx, pf, layers=earlier)
         q, found = qo["embedding"], po["embedding"]
         if earlier:
             layer_emb = {l: (qo["layer_embeddings"][l], _fill_slots(po["layer_embeddings"][l], slots))
@@ -466,7 +508,7 @@ def sts_loss_step(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, c
         mid = w.mid_nce_layer if w.mid_nce_layer is not None else max(1, encoder.num_layers // 2)
         layers = [mid]
     earlier = _earlier_layers(cfg, encoder)
-    out = encoder(feats, layers=sorted(set(layers or []) | set(earlier or [])) or None)
+    out = _forward(encoder, ctx, feats, layers=sorted(set(layers or []) | set(earlier or [])) or None)
     e1, e2 = out["embedding"][:b], out["embedding"][b:]
     mid1 = mid2 = None
     if layers:
@@ -542,6 +584,7 @@ def train(
     if cfg.model.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
     encoder.train()
+    ctx.model = wrap_for_ddp(encoder, ctx, ctx.prepare_model)  # gradients synchronised by DDP
     for t in tasks:  # decide each retrieval dataset's forward now (a ConfigError fails fast); tokenize once
         if t.task == "retrieval" and retrieval_forward(cfg, encoder, t, ctx.device) == "unpadded":
             store_of(t, encoder, cfg)
@@ -600,21 +643,24 @@ def train(
             # dropout draws from a generator seeded by (seed, step, rank): a resumed rank, whichever
             # rank's checkpoint it restored, draws exactly what the uninterrupted run drew
             torch.manual_seed(layer_seed * 7 + 1_000_033 * ctx.rank + 17)
-            with autocast:
-                if td.task == "retrieval":
-                    loss, extra, tokens = retrieval_loss(encoder, None, td, cfg, ctx, step_rng, idx=idx,
-                                                         layer_seed=layer_seed)
-                else:
-                    loss, extra, tokens = sts_loss_step(encoder, None, td, cfg, ctx, layer_seed=layer_seed, idx=idx)
-            weight = cfg.loss.task_weights.get(td.task, 1.0) * cfg.loss.task_weights.get(td.name, 1.0)
-            (loss * weight / accum).backward()
+            sync = (step + 1) % accum == 0 or step + 1 == total_steps
+            no_sync = ctx.model.no_sync() if (ctx.model is not None and not sync) else contextlib.nullcontext()
+            with no_sync:  # DDP: accumulate locally until the update step
+                with autocast:
+                    if td.task == "retrieval":
+                        loss, extra, tokens = retrieval_loss(encoder, None, td, cfg, ctx, step_rng, idx=idx,
+                                                             layer_seed=layer_seed)
+                    else:
+                        loss, extra, tokens = sts_loss_step(encoder, None, td, cfg, ctx, layer_seed=layer_seed,
+                                                            idx=idx)
+                weight = cfg.loss.task_weights.get(td.task, 1.0) * cfg.loss.task_weights.get(td.name, 1.0)
+                (loss * weight / accum).backward()  # with DDP: gradients averaged over ranks, bucket by bucket
             done_per_task[name] += 1
             window_samples += len(idx) * ctx.world_size
             window_tokens += tokens * ctx.world_size
             last_losses[name] = float(loss.detach())
 
-            if (step + 1) % accum == 0 or step + 1 == total_steps:
-                average_gradients(encoder, ctx)
+            if sync:
                 if cfg.train.grad_clip:
                     torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.grad_clip)
                 optimizer.step()
@@ -673,6 +719,7 @@ def train(
         steps_per_task=done_per_task, planned_steps_per_task=planned,
         samples_per_s=total_samples / max(wall, 1e-9), tokens_per_s=total_tokens / max(wall, 1e-9),
         wall_s=wall, final_losses=last_losses, dev=dev, data_counts=data_counts, resumed_from=resumed_from,
+        grad_sync=type(ctx.model).__name__ if ctx.model is not None else "none (one process)",
     )
     if ctx.is_main and finished:
         (out / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1, default=str))

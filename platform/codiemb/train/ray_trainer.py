@@ -125,6 +125,13 @@ def _rank_placement(world: int) -> list[dict]:
     return [dict(p, rank=r) for r, p in enumerate(out)]
 
 
+def _prepare_ddp(module, ddp_kwargs: dict):
+    """Ray Train's own DDP wrap (device placement, DistributedDataParallel) of the loop's step module."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(module, parallel_strategy="ddp", parallel_strategy_kwargs=ddp_kwargs)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -132,7 +139,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
+    ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device(),
+                      prepare_model=_prepare_ddp)
 
     tasks = open_tasks(cfg, config["shard_sets"])
 

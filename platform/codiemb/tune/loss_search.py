@@ -108,7 +108,9 @@ def loss_trial_worker(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
+    from codiemb.train.ray_trainer import _prepare_ddp
+
+    ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device(), prepare_model=_prepare_ddp)
     tasks = open_tasks(cfg, config["shard_sets"])
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
