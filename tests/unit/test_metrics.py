@@ -91,6 +91,9 @@ def test_retrieval_metrics_pytrec_eval_equals_the_per_query_definitions():
         # scores on a coarse grid: many ties, broken by doc id descending
         run[f"q{q}"] = [(d, rng.randint(0, 8) / 8) for d in rng.sample(docs, 30)]
     qrels["q_unranked"] = {"d1": 1}  # in the qrels, not in the run: scores 0, still averaged
+    qrels["q0"] = {**qrels["q0"], "d39": 0}  # grade 0 is not relevant
+    qrels["q_none"] = {"d2": 0}  # no relevant document: 0, still averaged
+    run["q_none"] = [("d2", 1.0)]
     got = retrieval_metrics(run, qrels, (1, 5, 10))
     for k in (1, 5, 10):
         ndcg = mrr = rec = 0.0

@@ -101,7 +101,8 @@ def retrieval_metrics(run: Mapping[str, Sequence[tuple[str, float]]], qrels: Map
     import pytrec_eval
 
     k_values = sorted({int(k) for k in k_values})
-    qrels = {q: {d: int(r) for d, r in docs.items()} for q, docs in qrels.items()}
+    # relevant = grade > 0, as in _relevant (a query without one still counts, with 0)
+    qrels = {q: {d: int(r) for d, r in docs.items() if r > 0} for q, docs in qrels.items()}
     n = len(qrels)
     if n == 0:
         raise ValueError("no queries with relevance judgements")
