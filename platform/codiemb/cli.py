@@ -68,8 +68,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from codiemb.evaluate.report import markdown_table
     from codiemb.evaluate.suites import evaluate_model
 
+    retrieval = {"index": args.index, "storage": args.index_storage, "chunk_size": args.chunk_size,
+                 "use_ray": args.ray}
     results = evaluate_model(args.model, suite=args.suite, data_dir=args.data_dir,
-                             batch_size=args.batch_size, show_progress=not args.json)
+                             batch_size=args.batch_size, show_progress=not args.json, retrieval_options=retrieval)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -252,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="data folder (else $CODIEMB_DATA, ./data, ../shared/data)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    p.add_argument("--ray", action="store_true",
+                   help="embed retrieval corpora with Ray Data on the cluster's workers (GPU actors where there are GPUs)")
+    p.add_argument("--index", default="faiss", choices=["faiss", "torch"],
+                   help="exact search: faiss IndexFlatIP (default) or chunked torch top-k")
+    p.add_argument("--index-storage", default="float32", choices=["float32", "float16"],
+                   help="corpus embeddings in the index (float16: half the memory)")
+    p.add_argument("--chunk-size", type=int, default=16384, help="corpus documents read and embedded per chunk")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train an encoder from a config (Ray workers; --local: one process, no Ray)")

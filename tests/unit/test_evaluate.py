@@ -174,3 +174,44 @@ def test_registry_uri_goes_through_the_registry_hook(tiny_dir, tmp_path, monkeyp
     assert res["model"] == "models:/codiemb@champion"
     assert res["summary"]["stsb_spearman"] == pytest.approx(
         evaluate_sts(Encoder.load(str(tiny_dir)), PAIRS)["spearman"], abs=1e-6)
+
+
+def test_streamed_corpus_equals_in_memory_corpus(tiny, tmp_path):
+    """load_beir(corpus=False) streams corpus.jsonl in chunks; the scores are those of the in-memory split,
+    for every chunk size, index backend and storage (float16: within rounding)."""
+    from codiemb.data.beir import iter_corpus, load_beir
+
+    _write_data(tmp_path)
+    folder = tmp_path / "ir" / "scifact"
+    in_memory = load_beir(folder, "dev")
+    streamed = load_beir(folder, "dev", corpus=False)
+    assert streamed.corpus == {} and streamed.streamed and in_memory.corpus == CORPUS
+    assert [c for c in iter_corpus(folder / "corpus.jsonl", chunk_size=3)] == [
+        (["d1", "d2", "d3"], [CORPUS[d] for d in ("d1", "d2", "d3")]),
+        (["d4", "d5", "d6"], [CORPUS[d] for d in ("d4", "d5", "d6")]),
+        (["q2"], [CORPUS["q2"]])]
+    ref = evaluate_retrieval(tiny, in_memory, k_values=(2, 3))
+    for chunk in (1, 2, 100):
+        for index in ("faiss", "torch"):
+            got = evaluate_retrieval(tiny, streamed, k_values=(2, 3), chunk_size=chunk, index=index)
+            assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in ref.items() if k != "seconds"}
+    half = evaluate_retrieval(tiny, streamed, k_values=(2, 3), storage="float16")
+    assert half["ndcg@3"] == pytest.approx(ref["ndcg@3"], abs=1.0)
+
+
+def test_streamed_corpus_bad_rows_are_data_errors(tiny, tmp_path):
+    from codiemb.data.beir import load_beir
+
+    _write_data(tmp_path)
+    folder = tmp_path / "ir" / "scifact"
+    corpus = folder / "corpus.jsonl"
+    good = corpus.read_text()
+    corpus.write_text(good + '{"title": "no id", "text": "x"}\n')
+    with pytest.raises(DataError, match=r"corpus.jsonl:8: a corpus row needs an '_id'"):
+        evaluate_retrieval(tiny, load_beir(folder, "dev", corpus=False))
+    corpus.write_text(good + "\n" + json.dumps({"_id": "d3", "text": "again"}) + "\n")
+    with pytest.raises(DataError, match=r"duplicate document id\(s\) 'd3'"):
+        evaluate_retrieval(tiny, load_beir(folder, "dev", corpus=False))
+    corpus.write_bytes(good.encode() + b'{"_id": "x", "text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"corpus.jsonl:8: line is not valid UTF-8"):
+        evaluate_retrieval(tiny, load_beir(folder, "dev", corpus=False))

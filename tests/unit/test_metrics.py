@@ -75,3 +75,36 @@ def test_exact_topk_chunked_equals_full_sort():
     assert torch.allclose(scores, ref_s[:, :6])
     s_all, _ = exact_topk(q, d, 100)  # k larger than the corpus
     assert s_all.shape == (7, 23)
+
+
+def test_retrieval_metrics_pytrec_eval_equals_the_per_query_definitions():
+    """pytrec_eval (what evaluate_retrieval reports) and our plain-Python definitions agree, ties included."""
+    import random
+
+    from codiemb.evaluate.metrics import retrieval_metrics
+
+    rng = random.Random(0)
+    docs = [f"d{i}" for i in range(40)]
+    qrels, run = {}, {}
+    for q in range(25):
+        qrels[f"q{q}"] = {d: rng.randint(1, 3) for d in rng.sample(docs, rng.randint(1, 5))}
+        # scores on a coarse grid: many ties, broken by doc id descending
+        run[f"q{q}"] = [(d, rng.randint(0, 8) / 8) for d in rng.sample(docs, 30)]
+    qrels["q_unranked"] = {"d1": 1}  # in the qrels, not in the run: scores 0, still averaged
+    qrels["q0"] = {**qrels["q0"], "d39": 0}  # grade 0 is not relevant
+    qrels["q_none"] = {"d2": 0}  # no relevant document: 0, still averaged
+    run["q_none"] = [("d2", 1.0)]
+    got = retrieval_metrics(run, qrels, (1, 5, 10))
+    for k in (1, 5, 10):
+        ndcg = mrr = rec = 0.0
+        for q, rels in qrels.items():
+            ranked = sorted(run.get(q, []), key=lambda c: c[0], reverse=True)
+            ranked.sort(key=lambda c: c[1], reverse=True)
+            ids = [d for d, _ in ranked]
+            ndcg += ndcg_at_k(ids, rels, k)
+            mrr += mrr_at_k(ids, rels, k)
+            rec += recall_at_k(ids, rels, k)
+        n = len(qrels)
+        assert got[f"ndcg@{k}"] == pytest.approx(100 * ndcg / n, abs=1e-9)
+        assert got[f"mrr@{k}"] == pytest.approx(100 * mrr / n, abs=1e-9)
+        assert got[f"recall@{k}"] == pytest.approx(100 * rec / n, abs=1e-9)

@@ -10,6 +10,12 @@ over queries. Relevances come from the qrels; a document is *relevant* when its 
 - Recall@k: |relevant ∩ top k| / |relevant|.
 
 All functions return fractions in [0, 1]; the evaluators report them × 100.
+
+:func:`retrieval_metrics` (what ``evaluate_retrieval`` reports) computes them with pytrec_eval
+itself, the trec_eval library BEIR and MTEB use: nDCG@k is ``ndcg_cut.k``, Recall@k ``recall.k``
+and MRR@k is ``recip_rank`` on each query's top k. The per-query functions below are the same
+definitions in plain Python (checked against pytrec_eval in tests/unit/test_metrics.py); the
+merge search's re-ranking scorer uses them.
 """
 
 from __future__ import annotations
@@ -82,6 +88,43 @@ def recall_at_k(ranked_doc_ids: Sequence[str], qrels_for_query: Mapping[str, int
     if not rel:
         return 0.0
     return len(set(ranked_doc_ids[:k]) & rel.keys()) / len(rel)
+
+
+def retrieval_metrics(run: Mapping[str, Sequence[tuple[str, float]]], qrels: Mapping[str, Mapping[str, int]],
+                      k_values: Sequence[int]) -> dict[str, float]:
+    """nDCG@k, MRR@k and Recall@k × 100 (pytrec_eval), averaged over every query in ``qrels``.
+
+    ``run[q]`` is query ``q``'s ranked ``(doc id, score)`` list (at least ``max(k_values)`` long
+    where the corpus allows); pytrec_eval orders it itself, by score descending then doc id
+    descending (trec_eval's rule). A query of ``qrels`` missing from ``run`` scores 0.
+    """
+    import pytrec_eval
+
+    k_values = sorted({int(k) for k in k_values})
+    # relevant = grade > 0, as in _relevant (a query without one still counts, with 0)
+    qrels = {q: {d: int(r) for d, r in docs.items() if r > 0} for q, docs in qrels.items()}
+    n = len(qrels)
+    if n == 0:
+        raise ValueError("no queries with relevance judgements")
+    cuts = ",".join(map(str, k_values))
+    full = {q: {d: float(s) for d, s in run.get(q, ())} for q in qrels}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{cuts}", f"recall.{cuts}"}).evaluate(full)
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"})
+    out: dict[str, float] = {}
+    for k in k_values:
+        top = {q: {d: float(s) for d, s in _trec_order(run.get(q, ()))[:k]} for q in qrels}
+        mrr = rr.evaluate(top)
+        out[f"ndcg@{k}"] = 100.0 * sum(per_query.get(q, {}).get(f"ndcg_cut_{k}", 0.0) for q in qrels) / n
+        out[f"mrr@{k}"] = 100.0 * sum(mrr.get(q, {}).get("recip_rank", 0.0) for q in qrels) / n
+        out[f"recall@{k}"] = 100.0 * sum(per_query.get(q, {}).get(f"recall_{k}", 0.0) for q in qrels) / n
+    return out
+
+
+def _trec_order(ranked: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Score descending, then doc id descending (trec_eval's order)."""
+    out = sorted(ranked, key=lambda c: c[0], reverse=True)
+    out.sort(key=lambda c: c[1], reverse=True)
+    return out
 
 
 def exact_topk(queries: torch.Tensor, docs: torch.Tensor, k: int, *, query_chunk: int = 1024,

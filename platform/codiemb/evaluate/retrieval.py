@@ -8,8 +8,18 @@ uses with its defaults):
 - a document whose id equals the query id is **not** removed (MTEB's ``ignore_identical_ids``
   is False by default and for SciFact; it is True only for tasks like ArguAna / Quora);
 - ranking ties are broken as trec_eval does (score descending, then doc id descending);
-- metrics per query (``codiemb.evaluate.metrics``) averaged over every query that has a
-  relevant document in the qrels.
+- metrics per query (pytrec_eval, ``codiemb.evaluate.metrics.retrieval_metrics``) averaged over
+  every query that has a relevant document in the qrels.
+
+At scale (DESIGN §2, scale rule): the corpus is streamed from ``corpus.jsonl`` in chunks of
+``chunk_size`` documents (``load_beir(..., corpus=False)``), each chunk is embedded and added to an
+:class:`~codiemb.evaluate.index.ExactIndex` (faiss ``IndexFlatIP`` blocks by default, float16
+storage or a torch backend as options), so the evaluator holds one copy of the corpus embeddings
+and one chunk of text. ``use_ray=True`` embeds the corpus with Ray Data on the cluster's workers
+instead (``codiemb.evaluate.retrieval_ray``; imports Ray lazily) and streams the embeddings back
+into the same index. ``ctx`` (rank / world_size / device) splits the embedding over the ranks of
+a torch.distributed group (``codiemb.evaluate.distributed``): rank 0 searches and scores, and
+every rank returns the same result.
 """
 
 from __future__ import annotations
@@ -20,7 +30,10 @@ from collections.abc import Sequence
 
 import torch
 
-from codiemb.evaluate.metrics import exact_topk, mrr_at_k, ndcg_at_k, recall_at_k
+from codiemb.errors import DataError
+from codiemb.evaluate.distributed import broadcast_object, encode_texts, world
+from codiemb.evaluate.index import ExactIndex
+from codiemb.evaluate.metrics import retrieval_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -28,52 +41,94 @@ logger = logging.getLogger(__name__)
 def rank_documents(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_ids: Sequence[str], k: int,
                    query_ids: Sequence[str] | None = None, ignore_identical_ids: bool = False,
                    device: torch.device | str | None = None) -> list[list[str]]:
-    """Top-``k`` document ids per query by inner product (exact), ties by doc id descending."""
+    """Top-``k`` document ids per query by inner product (exact), ties by doc id descending.
+
+    For embeddings already in memory (small sets: the merge search's candidate pools); the
+    exact, tie-aware search of :class:`~codiemb.evaluate.index.ExactIndex` with its torch backend.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extra = 1 if ignore_identical_ids else 0
-    scores, idx = exact_topk(query_emb.to(device), doc_emb.to(device), k + extra)
-    ranked: list[list[str]] = []
-    for qi in range(scores.size(0)):
-        cand = [(s, doc_ids[j]) for s, j in zip(scores[qi].tolist(), idx[qi].tolist())]
-        if ignore_identical_ids and query_ids is not None:
-            cand = [c for c in cand if c[1] != query_ids[qi]]
-        # trec_eval order: score descending, then doc id descending (sort twice, stable)
-        cand.sort(key=lambda c: c[1], reverse=True)
-        cand.sort(key=lambda c: c[0], reverse=True)
-        ranked.append([d for _, d in cand[:k]])
-    return ranked
+    doc_emb = torch.as_tensor(doc_emb)
+    index = ExactIndex(doc_emb.size(1), backend="torch", device=device, block_size=max(1, len(doc_ids)))
+    index.add(list(doc_ids), doc_emb)
+    exclude = list(query_ids) if ignore_identical_ids and query_ids is not None else None
+    return [[d for d, _ in r] for r in index.search(torch.as_tensor(query_emb), k, exclude_ids=exclude)]
 
 
 def evaluate_retrieval(encoder, split, batch_size: int = 64, query_max_length: int | None = None,
                        doc_max_length: int | None = None, k_values: Sequence[int] = (10, 100), *,
                        query_instruction: str | None = None, ignore_identical_ids: bool = False,
-                       show_progress: bool = False) -> dict:
-    """Score ``encoder`` on a ``codiemb.data.beir.BeirSplit``.
+                       show_progress: bool = False, index: str = "faiss", storage: str = "float32",
+                       chunk_size: int = 16384, use_ray: bool = False, ray_options: dict | None = None,
+                       ctx=None) -> dict:
+    """Score ``encoder`` on a ``codiemb.data.beir.BeirSplit`` (in memory, or streamed: ``load_beir(..., corpus=False)``).
 
     Returns ``{"ndcg@k", "mrr@k", "recall@k" for every k in k_values (× 100), "n_queries", "n_docs",
     "seconds"}``; with the default k_values that includes ndcg@10, mrr@10 and recall@100.
     Max lengths default to the model's ``max_seq_length``.
+
+    ``index``: ``"faiss"`` (exact ``IndexFlatIP``) or ``"torch"`` (chunked exact top-k);
+    ``storage``: ``"float32"`` or ``"float16"`` (half the memory; scores of the rounded vectors).
+    ``use_ray``: embed the corpus with Ray Data (``ray_options`` go to
+    ``codiemb.evaluate.retrieval_ray.embed_corpus``). ``ctx``: a torch.distributed context; every
+    rank must call this with the same arguments.
     """
     t0 = time.perf_counter()
     k_values = sorted({int(k) for k in k_values})
+    rank, size = world(ctx)
+    if use_ray and size > 1:
+        raise ValueError("use_ray and a distributed ctx are two ways to spread the work: pick one")
     query_ids = list(split.qrels)
-    doc_ids = list(split.doc_ids or split.corpus)
-    if not query_ids or not doc_ids:
-        raise ValueError(f"retrieval split {split.folder}:{split.split} has no queries or no documents")
-    logger.info("retrieval: embedding %d documents and %d queries", len(doc_ids), len(query_ids))
-    doc_emb = encoder.encode([split.corpus[d] for d in doc_ids], batch_size=batch_size, max_length=doc_max_length,
-                             normalize=True, show_progress=show_progress)
-    query_emb = encoder.encode([split.queries[q] for q in query_ids], batch_size=batch_size,
-                               max_length=query_max_length, instruction=query_instruction, normalize=True,
-                               show_progress=show_progress)
-    ranked = rank_documents(torch.as_tensor(query_emb), torch.as_tensor(doc_emb), doc_ids, max(k_values),
-                            query_ids=query_ids, ignore_identical_ids=ignore_identical_ids)
+    if not query_ids:
+        raise ValueError(f"retrieval split {split.folder}:{split.split} has no queries")
+    q_emb = encode_texts(encoder, [split.queries[q] for q in query_ids], batch_size=batch_size,
+                         max_length=query_max_length, instruction=query_instruction, ctx=ctx)
+    main = rank == 0
+    store = ExactIndex(q_emb.shape[1], backend=index, storage=storage) if main else None
+    if use_ray:
+        from codiemb.evaluate.retrieval_ray import embed_corpus  # lazy: imports ray
+
+        if not split.folder:
+            raise ValueError("use_ray needs a split read from a BEIR folder (its corpus.jsonl)")
+        batches = embed_corpus(encoder, split.corpus_path, batch_size=batch_size, max_length=doc_max_length,
+                               **(ray_options or {}))
+    else:
+        batches = ((ids, encode_texts(encoder, texts, batch_size=batch_size, max_length=doc_max_length, ctx=ctx))
+                   for ids, texts in split.iter_corpus(chunk_size))
+    n_docs = 0
+    progress = None
+    if show_progress and main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(desc="corpus", unit="doc")
+    try:
+        for ids, emb in batches:
+            n_docs += len(ids)
+            if main:
+                store.add(ids, emb)
+            if progress is not None:
+                progress.update(len(ids))
+    finally:
+        if progress is not None:
+            progress.close()
+    if n_docs == 0:
+        raise ValueError(f"retrieval split {split.folder}:{split.split} has no documents")
     result: dict = {}
-    n = len(query_ids)
-    for k in k_values:
-        result[f"ndcg@{k}"] = 100.0 * sum(ndcg_at_k(r, split.qrels[q], k) for q, r in zip(query_ids, ranked)) / n
-        result[f"mrr@{k}"] = 100.0 * sum(mrr_at_k(r, split.qrels[q], k) for q, r in zip(query_ids, ranked)) / n
-        result[f"recall@{k}"] = 100.0 * sum(recall_at_k(r, split.qrels[q], k) for q, r in zip(query_ids, ranked)) / n
-    result.update(n_queries=n, n_docs=len(doc_ids), seconds=round(time.perf_counter() - t0, 3))
+    if main:
+        try:
+            store.check_unique(str(split.corpus_path) if split.folder else "corpus")
+            logger.info("retrieval: %d documents (%.0f MB index) and %d queries embedded; searching", n_docs,
+                        store.nbytes / 2**20, len(query_ids))
+            exclude = query_ids if ignore_identical_ids else None
+            run = dict(zip(query_ids, store.search(q_emb, max(k_values), exclude_ids=exclude)))
+            result = retrieval_metrics(run, split.qrels, k_values)
+            result.update(n_queries=len(query_ids), n_docs=n_docs, seconds=round(time.perf_counter() - t0, 3))
+        except (DataError, ValueError) as exc:
+            if size <= 1:
+                raise
+            result = {"__error__": (type(exc).__name__, str(exc))}  # raised on every rank below
+    result = broadcast_object(result, ctx)
+    if "__error__" in result:
+        kind, msg = result["__error__"]
+        raise (DataError if kind == "DataError" else ValueError)(msg)
     logger.info("retrieval: %s", ", ".join(f"{k} {v:.2f}" for k, v in result.items() if "@" in k))
     return result

@@ -90,11 +90,13 @@ def _load_encoder(model, device):
 
 def evaluate_model(model, suite: str = "default", data_dir: str | os.PathLike | None = None,
                    batch_size: int = 64, show_progress: bool = True, max_length: dict | None = None,
-                   device=None) -> dict:
+                   device=None, retrieval_options: dict | None = None) -> dict:
     """Evaluate a model (alias, folder, ``models:/NAME@ALIAS``, or an ``Encoder``) on a named suite.
 
     ``max_length`` may set ``sts``, ``query`` and ``passage`` token limits; each defaults to the
-    model's ``max_seq_length`` (256 for all-MiniLM-L6-v2, as MTEB runs it).
+    model's ``max_seq_length`` (256 for all-MiniLM-L6-v2, as MTEB runs it). Retrieval corpora are
+    streamed (never loaded whole); ``retrieval_options`` go to ``evaluate_retrieval`` (``index``,
+    ``storage``, ``chunk_size``, ``use_ray``, ``ray_options``).
     """
     from codiemb.data.beir import load_beir
     from codiemb.evaluate.retrieval import evaluate_retrieval
@@ -119,9 +121,10 @@ def evaluate_model(model, suite: str = "default", data_dir: str | os.PathLike | 
             res = evaluate_sts(encoder, root / task.path, batch_size=batch_size, max_length=lengths["sts"],
                                show_progress=show_progress)
         else:
-            split = load_beir(root / task.path, task.split)
+            split = load_beir(root / task.path, task.split, corpus=False)
             res = evaluate_retrieval(encoder, split, batch_size=batch_size, query_max_length=lengths["query"],
-                                     doc_max_length=lengths["passage"], show_progress=show_progress)
+                                     doc_max_length=lengths["passage"], show_progress=show_progress,
+                                     **(retrieval_options or {}))
         results[task.name] = {"split": task.split, **res}
         summary[f"{task.name}_{task.main_metric}"] = res[task.main_metric]
     summary["mean"] = sum(summary.values()) / len(summary)
