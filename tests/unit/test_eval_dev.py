@@ -106,12 +106,3 @@ def test_two_ranks_equal_one_rank_exactly(ranks, tiny_model_dir, dev_root):
     total = n_sentences + 70 + 150
     assert sum(o["texts"] for o in ranks) == total
     assert all(0 < o["texts"] < total for o in ranks)
-
-
-def test_one_rank_is_the_training_loops_evaluate_dev(tiny_model_dir, dev_root):
-    """world_size 1 is today's behaviour: the same numbers as train/loop.py's evaluate_dev."""
-    from codiemb.train import loop
-
-    enc = Encoder.load(str(tiny_model_dir))
-    cfg = dev_config(dev_root)
-    assert evaluate_dev(enc, cfg, loop.DistContext()) == loop.evaluate_dev(enc, cfg)

@@ -39,6 +39,7 @@ import torch
 
 from codiemb.config import Config
 from codiemb.errors import ConfigError, DataError
+from codiemb.evaluate.dev import evaluate_dev  # noqa: F401  (dev scores during and after training)
 
 log = logging.getLogger(__name__)
 
@@ -685,9 +686,11 @@ def train(
                     progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items() if k.startswith("loss/")})
             if progress is not None:
                 progress.update(1)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps and ctx.is_main:
-                dev = evaluate_dev(encoder, cfg)
-                if dev:
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
+                # every rank embeds its share of the dev sets (evaluate/dev.py), so none waits idle
+                # in a collective while rank 0 evaluates alone
+                dev = evaluate_dev(encoder, cfg, ctx)
+                if dev and ctx.is_main:
                     callbacks.on_log(done, {f"dev/{k}": v for k, v in dev.items()})
                 encoder.train()
             want_ckpt = (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == stop_after
@@ -707,13 +710,16 @@ def train(
     finished = stop_after is None or step + 1 >= total_steps
     model_dir = out / "model"
     dev = None
-    if ctx.is_main and finished:
+    if finished:
         encoder.eval()
-        encoder.save(model_dir)
+        if ctx.is_main:
+            encoder.save(model_dir)
         if cfg.data.dev is not None and cfg.train.eval_at_end and os.environ.get("CODIEMB_SKIP_DEV") != "1":
-            dev = evaluate_dev(encoder, cfg)
-            if dev:
+            dev = evaluate_dev(encoder, cfg, ctx)  # on every rank, as above
+            if dev and ctx.is_main:
                 callbacks.on_log(step + 1, {f"dev/{k}": v for k, v in dev.items()})
+            if not ctx.is_main:
+                dev = None
     result = TrainResult(
         output_dir=str(out), model_dir=str(model_dir), steps=step + 1 if total_steps else 0,
         steps_per_task=done_per_task, planned_steps_per_task=planned,
@@ -741,27 +747,3 @@ def _checkpoint(ckpt, root, done, encoder, optimizer, scheduler, sampler, done_p
 
         dist.barrier()
     callbacks.on_checkpoint(done, path)
-
-
-def evaluate_dev(encoder, cfg: Config) -> dict[str, float]:
-    """Dev-set scores (never test): STS-B dev Spearman and the retrieval dev nDCG@10, x100."""
-    from codiemb.data.beir import load_beir
-    from codiemb.evaluate.retrieval import evaluate_retrieval
-    from codiemb.evaluate.sts import evaluate_sts
-    from codiemb.paths import resolve_data_path
-
-    dev = cfg.data.dev
-    if dev is None:
-        return {}
-    out: dict[str, float] = {}
-    ml = cfg.model.max_length
-    if dev.sts:
-        r = evaluate_sts(encoder, resolve_data_path(dev.sts, cfg.data.root), batch_size=64, max_length=ml.sts)
-        out["sts_spearman"] = r["spearman"]
-    if dev.retrieval:
-        split = load_beir(resolve_data_path(dev.retrieval.beir, cfg.data.root), dev.retrieval.qrels)
-        r = evaluate_retrieval(encoder, split, batch_size=64, query_max_length=ml.query, doc_max_length=ml.passage)
-        out["retrieval_ndcg@10"] = r["ndcg@10"]
-    if len(out) == 2:
-        out["mean"] = (out["sts_spearman"] + out["retrieval_ndcg@10"]) / 2
-    return out
