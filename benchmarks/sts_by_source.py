@@ -24,14 +24,15 @@ class _CachedEncoder:
     def __init__(self, encoder):
         self.encoder, self.cache = encoder, {}
 
-    def encode(self, texts, batch_size=64, max_length=None, normalize=True, show_progress=False):
+    def encode(self, texts, batch_size=64, max_length=None, normalize=True, show_progress=False, instruction=None):
         import torch
 
         todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if todo:
-            emb = self.encoder.encode(todo, batch_size=batch_size, max_length=max_length, normalize=normalize)
+            emb = self.encoder.encode(todo, batch_size=batch_size, max_length=max_length, normalize=normalize,
+                                      instruction=instruction)
             self.cache.update(zip(todo, torch.as_tensor(emb, dtype=torch.float32)))
-        return torch.stack([self.cache[t] for t in texts])
+        return torch.stack([self.cache[t] for t in texts])  # (instruction is the same for all calls here)
 
 
 def by_source(model: str, data_dir: str | None = None) -> dict[str, dict[str, dict]]:
