@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -74,7 +74,6 @@ class BuildResult:
     seconds: float
     set_dir: str
     rows_per_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _lengths(spec: ShardSpec) -> dict[str, int]:

@@ -62,14 +62,12 @@ class TaskData:
     instruction: str | None = None
     num_positives: int = 1
     num_negatives: int = 0
-    store: Any = None  # codiemb.data.shards.ShardStore
-    max_rows: int | None = None
+    store: Any = None  # codiemb.data.shards.ShardStore (at most the dataset's max_rows rows: part of its key)
     # per-dataset state (in-memory store for records, decisions, the unpadded module); not data
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
-        n = len(self.store) if self.store is not None else len(self.records or [])
-        return min(n, self.max_rows) if self.max_rows is not None else n
+        return len(self.store) if self.store is not None else len(self.records or [])
 
 
 def load_task_data(cfg: Config, quarantine_dir: str | Path | None = None, *, use_ray: bool = False
@@ -270,39 +268,36 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def _maybe_fail(step: int, ctx: DistContext, marker_dir: Path) -> None:
-    """Fault injection: ``CODIEMB_FAIL_AT=RANK:STEP`` raises once at that step (a marker stops repeats)."""
-    spec = os.environ.get("CODIEMB_FAIL_AT")
+def _injection_due(var: str, kind: str, step: int, ctx: DistContext, marker_dir: Path) -> bool:
+    """True once, at the step ``$VAR=RANK:STEP`` names, on that rank (a marker file stops repeats
+    after the run restarts)."""
+    spec = os.environ.get(var)
     if not spec:
-        return
+        return False
     rank_s, step_s = spec.split(":")
     if int(rank_s) != ctx.rank or int(step_s) != step:
-        return
-    marker = marker_dir / f".fail-injected-rank{ctx.rank}-step{step}"
+        return False
+    marker = marker_dir / f".{kind}-injected-rank{ctx.rank}-step{step}"
     if marker.exists():
-        return
+        return False
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("fired\n")
-    raise RuntimeError(f"CODIEMB_FAIL_AT: injected failure on rank {ctx.rank} at step {step}")
+    marker.write_text(f"{kind}\n")
+    return True
+
+
+def _maybe_fail(step: int, ctx: DistContext, marker_dir: Path) -> None:
+    """Fault injection: ``CODIEMB_FAIL_AT=RANK:STEP`` raises once at that step."""
+    if _injection_due("CODIEMB_FAIL_AT", "fail", step, ctx, marker_dir):
+        raise RuntimeError(f"CODIEMB_FAIL_AT: injected failure on rank {ctx.rank} at step {step}")
 
 
 def _maybe_kill(step: int, ctx: DistContext, marker_dir: Path) -> None:
     """Fault injection: ``CODIEMB_KILL_AT=RANK:STEP`` SIGKILLs this worker process once at that step
     (no exception, no cleanup: what a lost node or an OOM kill looks like to Ray Train)."""
-    spec = os.environ.get("CODIEMB_KILL_AT")
-    if not spec:
-        return
-    rank_s, step_s = spec.split(":")
-    if int(rank_s) != ctx.rank or int(step_s) != step:
-        return
-    marker = marker_dir / f".kill-injected-rank{ctx.rank}-step{step}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("killed\n")
-    import signal
+    if _injection_due("CODIEMB_KILL_AT", "kill", step, ctx, marker_dir):
+        import signal
 
-    os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _trace_rows(step: int, ctx: DistContext, name: str, idx: list[int]) -> None:
