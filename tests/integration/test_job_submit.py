@@ -32,6 +32,21 @@ def _ray(*args, env=None, timeout=120, check=False):
                           timeout=timeout, check=check)
 
 
+def _submit(address: str, *args, env=None, timeout=300, wait_agent_s: float = 180):
+    """`ray job submit`, retried while the head's job agent has not registered yet.
+
+    The dashboard answers (`ray job list` works) before the node's agent has joined; until then
+    a submission fails with "No available agent to submit job, please try again later" (seen on
+    a loaded 2-core CI machine). Any other failure is returned at once.
+    """
+    deadline = time.time() + wait_agent_s
+    while True:
+        r = _ray("job", "submit", "--address", address, *args, env=env, timeout=timeout)
+        if r.returncode == 0 or "no available agent" not in (r.stdout + r.stderr).lower() or time.time() > deadline:
+            return r
+        time.sleep(3)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head from `ray start --head --block` on 127.0.0.1 with the dashboard (job server)."""
@@ -97,9 +112,8 @@ def test_ray_job_submit_pipeline_end_to_end(ray_head, mlflow_server, tmp_path, t
     cfg = _write_job_config(tmp_path, tiny_model_dir, mlflow_server.url)
     env = ray_head["env"]
     sub_id = f"codiemb-test-{int(time.time())}"
-    r = _ray("job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
-             "--submission-id", sub_id, "--no-wait", "--", "python", "jobs/pipeline.py", "--config", str(cfg),
-             env=env, timeout=300)
+    r = _submit(ray_head["address"], "--working-dir", str(REPO), "--submission-id", sub_id, "--no-wait", "--",
+                "python", "jobs/pipeline.py", "--config", str(cfg), env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
     deadline = time.time() + 900
