@@ -47,11 +47,26 @@ def _submit(address: str, *args, env=None, timeout=300, wait_agent_s: float = 18
         time.sleep(3)
 
 
+def _agent_log_tail(temp: Path, chars: int = 3000) -> str:
+    """The end of the head's dashboard agent logs, so a failed submission says why the agent is missing."""
+    out = []
+    for log in sorted(temp.glob("session_*/logs/dashboard_agent*")):
+        out.append(f"\n--- {log.name} ---\n{log.read_text(errors='replace')[-chars:]}")
+    return "".join(out) or "\n(no dashboard_agent log under the head's temp dir)"
+
+
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head from `ray start --head --block` on 127.0.0.1 with the dashboard (job server)."""
+    """A Ray head from `ray start --head --block` on 127.0.0.1 with the dashboard (job server).
+
+    Every port the head's agents listen on is a free one: the session's ``ray_local`` cluster (started
+    by earlier integration tests, with its dashboard) already holds Ray's default agent port 52365, and
+    a second agent on it never registers, so every submission fails with "No available agent" (CI).
+    """
     temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's unix socket paths are limited
     gcs, dash = free_port(), free_port()
+    agent_ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                   "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CODIEMB_NO_PROGRESS="1")
     env.pop("RAY_ADDRESS", None)
@@ -59,7 +74,7 @@ def ray_head():
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--dashboard-port", str(dash),
          "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1", "--num-cpus", "4",
-         "--include-dashboard", "true", "--temp-dir", str(temp), "--disable-usage-stats"],
+         "--include-dashboard", "true", "--temp-dir", str(temp), "--disable-usage-stats", *agent_ports],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -71,7 +86,7 @@ def ray_head():
             proc.kill()
             pytest.fail(f"ray head did not come up: {(temp / 'head.log').read_text()[-2000:]}\n{r.stderr[-1000:]}")
         time.sleep(2)
-    yield {"address": address, "env": env}
+    yield {"address": address, "env": env, "temp": temp}
     proc.terminate()  # `ray start --block` stops the processes it started
     try:
         proc.wait(timeout=60)
@@ -114,7 +129,7 @@ def test_ray_job_submit_pipeline_end_to_end(ray_head, mlflow_server, tmp_path, t
     sub_id = f"codiemb-test-{int(time.time())}"
     r = _submit(ray_head["address"], "--working-dir", str(REPO), "--submission-id", sub_id, "--no-wait", "--",
                 "python", "jobs/pipeline.py", "--config", str(cfg), env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + _agent_log_tail(ray_head["temp"])
 
     deadline = time.time() + 900
     status = ""
