@@ -1,6 +1,7 @@
 """The ``codiemb`` command. Each subcommand is a thin wrapper over a library function.
 
 Errors a user can cause (``UserError``) print one line on stderr and exit 2, without a traceback.
+Training stopped by SIGTERM (``train/stop.py``) prints one line and exits 143; rerunning resumes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 from typing import Callable
 
 from codiemb.errors import UserError
+from codiemb.train.stop import EXIT_CODE as STOPPED_EXIT_CODE
+from codiemb.train.stop import TrainingStopped
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -328,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("codiemb: interrupted", file=sys.stderr)
         return 130
+    except TrainingStopped as exc:  # SIGTERM: checkpoint written at exc.step (train/stop.py)
+        print(f"codiemb: {exc}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -147,6 +147,9 @@ class TrainConfig(Strict):
     #     in bf16). Both paths give the same loss and gradients (tests/unit/test_loop_unpadded.py).
     retrieval_forward: Literal["auto", "padded", "unpadded"] = "auto"
     checkpoint_every: int = 200
+    # also checkpoint when this many minutes passed since the last checkpoint (None: steps only), so
+    # a restart loses minutes, not an epoch; all ranks agree at each step boundary (train/loop.py)
+    checkpoint_every_minutes: float | None = Field(None, gt=0)
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: only at the end
     eval_at_end: bool = True  # score the dev sets (data.dev) after the last step
@@ -158,7 +161,9 @@ class ScalingConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
-    max_failures: int = 0
+    # Ray Train restarts the workers from the last reported checkpoint this many times after a
+    # worker dies (SIGKILL, OOM kill, lost node); -1: without limit, 0: the first death ends the run
+    max_failures: int = Field(3, ge=-1)
     autoscaling: bool = False  # the cluster can grow: do not fail fast when it is too small now
 
 

@@ -79,8 +79,9 @@ def test_fault_injection_recovers_exact_steps_one_mlflow_run(ray_local, tmp_path
 
     monkeypatch.setenv("CODIEMB_FAIL_AT", "1:5")
     monkeypatch.setenv("CODIEMB_SKIP_DEV", "1")
-    cfg = _cfg(tmp_path, tiny_model_dir, "scaling.max_failures=1", "tracking.enabled=true",
+    cfg = _cfg(tmp_path, tiny_model_dir, "tracking.enabled=true",  # retries: the default max_failures
                f"tracking.uri={mlflow_tracking}", "tracking.experiment=raytest-fault")
+    assert cfg.scaling.max_failures > 0
     result, run_id = train_tracked(cfg, local=False)
     assert result.steps == sum(result.planned_steps_per_task.values())
     assert result.steps_per_task == result.planned_steps_per_task
@@ -156,7 +157,9 @@ def test_sigkilled_worker_resumes_with_the_rows_and_weights_of_an_uninterrupted_
     # the same run, rank 1's worker process SIGKILLed at step 7 (mid-epoch; last checkpoint: step 6)
     monkeypatch.setenv("CODIEMB_ROW_TRACE", str(tmp_path / "trace-killed"))
     monkeypatch.setenv("CODIEMB_KILL_AT", "1:7")
-    killed = train_on_ray(_cfg(tmp_path, tiny_model_dir, "run.name=killed", "scaling.max_failures=1"), resume=False)
+    killed_cfg = _cfg(tmp_path, tiny_model_dir, "run.name=killed")  # nothing set: Ray Train retries by default
+    assert killed_cfg.scaling.max_failures > 0
+    killed = train_on_ray(killed_cfg, resume=False)
     assert list((tmp_path / "storage" / "killed").glob(".kill-injected-rank1-step7"))
     # resumed from the last checkpoint Ray Train had registered when the worker died (step 6, or 3
     # when the controller had not yet taken step 6's report): either way, before the kill
@@ -171,3 +174,65 @@ def test_sigkilled_worker_resumes_with_the_rows_and_weights_of_an_uninterrupted_
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# --------------------------------------------------------------------------- SIGTERM to the driver
+def _sigterm_after(trace_file, steps: int, timeout: float = 900.0):
+    """A thread that sends this process (the driver) SIGTERM once ``trace_file`` records ``steps`` steps."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if trace_file.is_file() and len(trace_file.read_text().splitlines()) >= steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_sigterm_to_the_driver_stops_both_workers_at_one_step_and_the_rerun_resumes(ray_local, tmp_path,
+                                                                                    tiny_model_dir, monkeypatch):
+    """SIGTERM to the driver of a 2-worker run (checkpoints by time only, so the ranks must agree on
+    when): both ranks stop at the same step boundary, its checkpoint is reported, TrainingStopped
+    names the step; the same call resumes from it and ends at the plan, every (step, rank) trained
+    once on the rows the sampler assigns it (those of an uninterrupted run)."""
+    from codiemb.data.sampler import TaskBatchSampler
+    from codiemb.tracking.train_run import train_tracked
+    from codiemb.train.stop import TrainingStopped
+
+    monkeypatch.setenv("CODIEMB_SKIP_DEV", "1")
+    monkeypatch.setenv("CODIEMB_ROW_TRACE", str(tmp_path / "trace"))
+    cfg = _cfg(tmp_path, tiny_model_dir, "run.name=term", "train.epochs=8", "train.checkpoint_every=0",
+               "train.checkpoint_every_minutes=0.005")
+    sender = _sigterm_after(tmp_path / "trace" / "rank0.jsonl", 2)
+    with pytest.raises(TrainingStopped) as stopped:
+        train_tracked(cfg, local=False)
+    sender.join(timeout=5)
+    step = stopped.value.step
+    sampler = TaskBatchSampler({"ret": 64, "sts": 64}, {"ret": 4, "sts": 4}, world_size=2,
+                               policy=cfg.sampler.policy, temperature=cfg.sampler.temperature,
+                               epochs=cfg.train.epochs, seed=cfg.run.seed)
+    total = len(sampler)
+    assert 2 <= step < total, (step, total)
+    assert str(stopped.value) == f"stopped by SIGTERM at step {step}; rerun the same command to resume"
+    assert (tmp_path / "storage" / "term" / f"step-{step:06d}").is_dir()  # the final checkpoint, reported
+    assert not (tmp_path / "storage" / "term" / "model").exists()
+
+    result, _ = train_tracked(cfg, local=False)  # the same call
+    assert result.resumed_from == step
+    assert result.steps == total and result.steps_per_task == result.planned_steps_per_task
+    last, rows, records = _consumed(tmp_path / "trace")
+    assert records == 2 * total  # no step ran twice, none was skipped
+    planned = {}
+    for s in range(total):
+        for r in range(2):
+            name, idx = sampler.batch(s, r)
+            planned[(s, r)] = (name, tuple(int(i) for i in idx))
+    assert last == planned

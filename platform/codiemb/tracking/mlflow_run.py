@@ -478,8 +478,11 @@ def start_run(cfg: Any, run_id: str | None = None, nested: bool = False, run_nam
     status = "FINISHED"
     try:
         yield logger
-    except BaseException:
-        status = "FAILED"
+    except BaseException as exc:
+        # stopped by SIGTERM (train/stop.py: checkpoint written, the same command resumes this run)
+        from codiemb.train.stop import TrainingStopped
+
+        status = "KILLED" if isinstance(exc, TrainingStopped) else "FAILED"
         raise
     finally:
         logger.close(status, end_run=not fluent)

@@ -103,11 +103,16 @@ def train_tracked(cfg: Config, *, local: bool, resume: bool = True, nested: bool
 
 
 def _train(cfg: Config, local: bool, resume: bool, logger: Any) -> TrainResult:
-    if local:
-        from codiemb.train.loop import train
+    """The local loop or the Ray driver; while it runs, SIGTERM stops training at the next step
+    boundary with a checkpoint (``train/stop.py``: raises ``TrainingStopped``)."""
+    from codiemb.train.stop import sigterm_stops_training
 
-        callbacks = _LoggerCallbacks(logger) if logger is not None else None
-        return train(cfg, resume=resume, callbacks=callbacks)
-    from codiemb.train.ray_trainer import train_on_ray
+    with sigterm_stops_training():
+        if local:
+            from codiemb.train.loop import train
 
-    return train_on_ray(cfg, resume=resume, mlflow_run_id=logger.run_id if logger is not None else None)
+            callbacks = _LoggerCallbacks(logger) if logger is not None else None
+            return train(cfg, resume=resume, callbacks=callbacks)
+        from codiemb.train.ray_trainer import train_on_ray
+
+        return train_on_ray(cfg, resume=resume, mlflow_run_id=logger.run_id if logger is not None else None)

@@ -154,6 +154,7 @@ class DistContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model: Any = None  # the DDP-wrapped EncoderStep during a multi-process train(); None otherwise
     prepare_model: Any = None  # how to wrap it (ray.train.torch.prepare_model on Ray); None: torch DDP
+    should_stop: Any = None  # () -> bool: stop at the next step boundary (default: train.stop.requested)
 
     @property
     def is_main(self) -> bool:
@@ -298,6 +299,21 @@ def _maybe_kill(step: int, ctx: DistContext, marker_dir: Path) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _boundary_flags(ctx: DistContext, stop: bool, time_due: bool) -> tuple[bool, bool]:
+    """Every rank's (stop, time checkpoint due) after one step, agreed by all ranks: each flag is
+    True on all of them when it is True on any (one ``all_reduce`` MAX of two numbers), so no rank
+    waits alone in the checkpoint's barrier and all stop at the same step."""
+    import torch.distributed as dist
+
+    if ctx.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return stop, time_due
+    device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.tensor([float(stop), float(time_due)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop_all, due_all = flags.tolist()
+    return stop_all > 0, due_all > 0
 
 
 def _trace_rows(step: int, ctx: DistContext, name: str, idx: list[int]) -> None:
@@ -553,7 +569,10 @@ def train(
     Ray, :func:`load_task_data`). Every rank reads its slice of each global batch from the shards
     by row id (``TaskBatchSampler.batch(step, rank)``), so the rows of a step are a pure function
     of (seed, step): a resumed run, on any rank, consumes exactly the rows it would have. ``stop_after``
-    stops (after checkpointing) at that step, to test resume. With ``resume`` the newest valid
+    stops (after checkpointing) at that step, to test resume. A stop asked for while training
+    (``ctx.should_stop``, default :func:`codiemb.train.stop.requested`: SIGTERM) checkpoints at the
+    next step boundary (the next optimizer update with ``grad_accum``) and raises
+    :class:`~codiemb.train.stop.TrainingStopped`. With ``resume`` the newest valid
     checkpoint under ``<output>/checkpoints`` (or ``resume_from``, e.g. the checkpoint Ray Train
     hands back after a failure) is restored exactly (weights, optimizer, scheduler, RNG).
 
@@ -561,6 +580,7 @@ def train(
     from codiemb.data.sampler import TaskBatchSampler
     from codiemb.model.encoder import Encoder
     from codiemb.train import checkpoint as ckpt
+    from codiemb.train import stop as stopping
     from codiemb.train.fast_batches import make_adamw
 
     ctx = ctx or DistContext(device=torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu"))
@@ -627,6 +647,10 @@ def train(
     train_start = time.perf_counter()
     last_losses: dict[str, float] = {}
     step = start_step
+    should_stop = ctx.should_stop or stopping.requested
+    every_s = cfg.train.checkpoint_every_minutes * 60 if cfg.train.checkpoint_every_minutes else None
+    last_ckpt_time = time.monotonic()
+    stop_at = None  # set (on every rank alike) once a stop was asked for
     try:
         for step in range(start_step, total_steps):
             _maybe_fail(step, ctx, Path(fail_marker_dir) if fail_marker_dir else out)
@@ -688,9 +712,18 @@ def train(
                 if dev and ctx.is_main:
                     callbacks.on_log(done, {f"dev/{k}": v for k, v in dev.items()})
                 encoder.train()
-            want_ckpt = (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == stop_after
+            # one agreed decision per step boundary: stop asked for (SIGTERM), time checkpoint due
+            stop_now, time_due = _boundary_flags(ctx, stop_at is not None or bool(should_stop()),
+                                                 every_s is not None and time.monotonic() - last_ckpt_time >= every_s)
+            if stop_now and stop_at is None:
+                stop_at = done
+            want_ckpt = ((cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == stop_after
+                         or time_due or stop_now)
             if want_ckpt and done % accum == 0 and done != total_steps:
                 _checkpoint(ckpt, ckpt_root, done, encoder, optimizer, scheduler, sampler, done_per_task, cfg, ctx, callbacks)
+                last_ckpt_time = time.monotonic()
+                if stop_now:  # checkpoint at an optimizer update written: stop here
+                    raise stopping.TrainingStopped(done, stopping.reason())
             if stop_after is not None and done >= stop_after:
                 break
     finally:

@@ -11,6 +11,9 @@
 - Storage and fault tolerance: ``RunConfig(storage_path, name=run.name)`` with a deterministic
   name, so a re-submitted job finds its checkpoints and resumes; ``FailureConfig(max_failures)``
   restarts workers from the last reported checkpoint.
+- SIGTERM to the driver (``train/stop.py``): a watcher thread sets a small flag actor; rank 0
+  polls it (at most twice a second), all ranks agree at the next step boundary, save a final
+  checkpoint and report it; the driver then raises ``TrainingStopped`` and the same command resumes.
 - Tracking: rank 0 logs to MLflow; the run id is stored in the checkpoint so a resumed job
   continues the same MLflow run.
 """
@@ -22,6 +25,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +107,56 @@ class _RayCallbacks:
         ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:06d}")
 
 
+class StopFlag:
+    """Set by the driver on SIGTERM, polled by rank 0 (a Ray actor: ``ray.remote(num_cpus=0)``)."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def _stop_poller(flag, every_s: float = 0.5):
+    """``should_stop`` for rank 0: asks the driver's flag actor at most every ``every_s`` seconds;
+    an unreachable flag (driver gone) reads as not set, with one warning."""
+    import ray
+
+    state = {"last": float("-inf"), "set": False, "warned": False}
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if not state["set"] and now - state["last"] >= every_s:
+            state["last"] = now
+            try:
+                state["set"] = bool(ray.get(flag.is_set.remote(), timeout=30))
+            except Exception as exc:  # noqa: BLE001 - a lost flag must not fail the step
+                if not state["warned"]:
+                    log.warning("cannot read the driver's stop flag (%s); training goes on", exc)
+                    state["warned"] = True
+        return state["set"]
+
+    return should_stop
+
+
+def _watch_stop(flag, done: threading.Event) -> threading.Thread:
+    """A driver thread that sets ``flag`` once SIGTERM asked for a stop (until ``done``)."""
+    from codiemb.train import stop
+
+    def run():
+        while not done.is_set():
+            if stop.wait(0.2):
+                flag.set.remote()
+                return
+
+    t = threading.Thread(target=run, name="codiemb-stop-watch", daemon=True)
+    t.start()
+    return t
+
+
 def open_tasks(cfg: Config, shard_sets: dict[str, str]) -> list[TaskData]:
     """Every configured dataset's TaskData over its shard set (opened, not read)."""
     from codiemb.data.shards import ShardStore
@@ -141,6 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device(),
                       prepare_model=_prepare_ddp)
+    if config.get("stop_flag") is not None:  # rank 0 asks the driver; the loop's all_reduce tells the rest
+        ctx.should_stop = _stop_poller(config["stop_flag"]) if rank == 0 else (lambda: False)
 
     tasks = open_tasks(cfg, config["shard_sets"])
 
@@ -166,9 +223,17 @@ def train_loop_per_worker(config: dict) -> None:
 
         tracker = SafeLogger(cfg.tracking.uri, run_id, experiment=cfg.tracking.experiment)
     callbacks = _RayCallbacks(rank, tracker, run_id)
-    result = train(cfg, tasks, output_dir=workdir / "out", ctx=ctx, callbacks=callbacks,
-                   resume=resume_from is not None, resume_from=resume_from,
-                   data_counts=config.get("data_counts"), fail_marker_dir=config.get("fail_marker_dir") or run_local)
+    from codiemb.train.stop import TrainingStopped
+
+    try:
+        result = train(cfg, tasks, output_dir=workdir / "out", ctx=ctx, callbacks=callbacks,
+                       resume=resume_from is not None, resume_from=resume_from,
+                       data_counts=config.get("data_counts"), fail_marker_dir=config.get("fail_marker_dir") or run_local)
+    except TrainingStopped as stopped:  # its checkpoint is reported; the driver sees no "final" report
+        log.info("rank %d: %s", rank, stopped)
+        if tracker is not None:
+            tracker.close("RUNNING", end_run=False)
+        return
     placement = _rank_placement(world)
     final = None
     metrics = {"step": result.steps, "final": 1, "samples_per_s": result.samples_per_s,
@@ -250,10 +315,13 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
     fail_marker_dir = None
     if storage_fs is None and not storage_path.startswith("s3://"):
         fail_marker_dir = str(Path(storage_path) / cfg.run.name)
+    import ray
+
+    stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": _worker_config(cfg), "mlflow_run_id": mlflow_run_id, "data_counts": counts,
-                           "fail_marker_dir": fail_marker_dir, "shard_sets": shard_sets},
+                           "fail_marker_dir": fail_marker_dir, "shard_sets": shard_sets, "stop_flag": stop_flag},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
@@ -263,9 +331,18 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
-    result = trainer.fit()
+    watching = threading.Event()
+    _watch_stop(stop_flag, watching)
+    try:
+        result = trainer.fit()
+    finally:
+        watching.set()
     if result.error:
         raise result.error
+    from codiemb.train import stop
+
+    if not (result.metrics or {}).get("final") and stop.requested():  # workers stopped at a step boundary
+        raise stop.TrainingStopped(int((result.metrics or {}).get("step", 0)), stop.reason())
     model_out = Path(cfg.train.output) if cfg.train.output else local_root / "model"
     with result.checkpoint.as_directory() as d:
         if model_out.exists():

@@ -239,6 +239,7 @@ def run_loss_search(cfg: Config) -> SweepResult:
     if not every:
         raise ConfigError("a loss search reports every train.eval_every steps: set it > 0")
     cfg.train.eval_every = cfg.train.checkpoint_every = every
+    cfg.train.checkpoint_every_minutes = None  # each checkpoint is a report, one ASHA rung step: by steps only
     tree = cfg.to_dict()
     check_loss_space(tree, cfg.tune.space)
     param_space = build_param_space(cfg.tune.space)
