@@ -100,19 +100,11 @@ def alignment(x, y, alpha: float = 2.0) -> float:
     return float((x - y).norm(dim=1).pow(alpha).mean())
 
 
-def uniformity(x, t: float = 2.0, block: int = 1024) -> float:
-    """log E_{i<j} exp(−t ‖x_i − x_j‖²), normalised rows; rows are taken ``block`` at a time
-    (memory ``block × n``) and summed with logsumexp."""
-    x = normalize(x)
-    n = x.size(0)
-    parts = []
-    for start in range(0, n - 1, block):
-        rows = x[start:start + block]
-        d2 = (2.0 - 2.0 * rows @ x.T).clamp_min(0.0)  # ‖a − b‖² = 2 − 2 a·b on the sphere
-        i = torch.arange(start, start + rows.size(0)).unsqueeze(1)
-        upper = torch.arange(n).unsqueeze(0) > i  # pairs i < j only
-        parts.append(torch.logsumexp((-t * d2)[upper], dim=0))
-    return float(torch.logsumexp(torch.stack(parts), dim=0) - math.log(n * (n - 1) / 2))
+def uniformity(x, t: float = 2.0) -> float:
+    """log E_{i<j} exp(−t ‖x_i − x_j‖²) over normalised rows: Wang & Isola's reference code
+    (``torch.pdist``, n(n−1)/2 distances in memory: 16 MB at n = 2000), summed with logsumexp."""
+    d2 = torch.pdist(normalize(x), p=2).pow(2)
+    return float(torch.logsumexp(-t * d2, dim=0) - math.log(d2.numel()))
 
 
 def paired_cosine(x, y) -> np.ndarray:
