@@ -82,6 +82,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from codiemb.evaluate.geometry import geometry_png, geometry_report, geometry_table, sample_tasks
+
+    samples = sample_tasks(args.data_dir, split=args.split, sts_pairs=args.sts_pairs, ir_pairs=args.ir_pairs,
+                           seed=args.seed)
+    reports = [geometry_report(m, samples, batch_size=args.batch_size, max_length=args.max_length)
+               for m in args.models]
+    png = geometry_png(reports, args.png)
+    print(json.dumps(reports, indent=2) if args.json else geometry_table(reports) + f"\nhistograms: {png}")
+    return 0
+
+
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from codiemb.config import load_config
@@ -265,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus embeddings in the index (float16: half the memory)")
     p.add_argument("--chunk-size", type=int, default=16384, help="corpus documents read and embedded per chunk")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="embedding geometry: anisotropy, effective rank, alignment, uniformity, histograms")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model aliases, folders or models:/NAME@ALIAS")
+    p.add_argument("--split", default="test", choices=["test", "dev"], help="STS-B / SciFact split to sample (default test)")
+    p.add_argument("--sts-pairs", type=int, default=1000, help="STS-B pairs sampled (default 1000)")
+    p.add_argument("--ir-pairs", type=int, default=300, help="SciFact (query, relevant doc) pairs sampled (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", default="geometry.png", help="histogram PNG to write (default geometry.png)")
+    p.add_argument("--json", action="store_true", help="print JSON (with histograms) instead of the table")
+    p.add_argument("--data-dir", default=None, help="data folder (else $CODIEMB_DATA, ./data, ../shared/data)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's max_seq_length)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("train", help="train an encoder from a config (Ray workers; --local: one process, no Ray)")
     _config_args(p)

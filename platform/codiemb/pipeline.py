@@ -46,6 +46,22 @@ def specialist_config(cfg: Config, name: str, overrides: dict[str, Any]) -> Conf
     return config_from_dict(tree, f"pipeline.specialists.{name}")
 
 
+def log_geometry(logger, model: str, root: Path, data_dir=None) -> dict:
+    """The embedding-geometry report of a registered model (``codiemb report``'s defaults) on its
+    MLflow run: metrics ``geometry/<task>/<metric>``, ``geometry.md``, ``geometry.json``, ``geometry.png``
+    (also written to ``root``)."""
+    from codiemb.evaluate.geometry import flat_metrics, geometry_png, geometry_report, geometry_table, sample_tasks
+
+    report = geometry_report(model, sample_tasks(data_dir))
+    logger.log_metrics(flat_metrics(report))
+    table = geometry_table([report])
+    (root / "geometry.md").write_text(table)
+    logger.log_text(table, "geometry.md")
+    logger.log_text(json.dumps(report, indent=1), "geometry.json")
+    logger.log_artifact(geometry_png([report], root / "geometry.png"))
+    return report
+
+
 def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> PipelineResult:
     from codiemb.tracking.mlflow_run import start_run
     from codiemb.tracking.train_run import output_root, train_tracked
@@ -163,6 +179,9 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
             parent.set_tags({"registered_model": name, "registered_version": version,
                              "gate.decision": gate["decision"]})
             timings["register"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            log_geometry(parent, final, root, data_dir=cfg.data.root)
+            timings["geometry"] = time.perf_counter() - t0
 
         wall = time.perf_counter() - t_start
         parent.log_metrics({f"time/{k}_s": v for k, v in timings.items()} | {"time/total_s": wall})
