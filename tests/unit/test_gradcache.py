@@ -282,3 +282,11 @@ def test_two_gloo_ranks_mini_batches_equal_one_forward_and_one_process(gloo_rank
         rows_r = [rows[i * B:(i + 1) * B] for i in range(WORLD)]
         counts = [sum(min(len(x["positives"]), 2) + min(len(x["negatives"]), 2) for x in rr) for rr in rows_r]
         assert math.ceil(counts[0] / MB) != math.ceil(counts[1] / MB)
+
+
+def test_memory_benchmark_measures_one_step(load_benchmark, tiny_model_dir):
+    """benchmarks/gradcache_memory.py's per-setting measurement runs (its numbers: BENCHMARKS.md)."""
+    bench = load_benchmark("gradcache_memory")
+    got = bench.measure(str(tiny_model_dir), 8, MB, "cpu", "auto")
+    assert got["batch"] == 8 and got["mini_batch_size"] == MB and got["tokens"] > 8
+    assert got["step_peak_mib"] > 0 and got["before_mib"] > 0 and math.isfinite(got["loss"])

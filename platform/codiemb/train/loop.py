@@ -19,6 +19,8 @@ the backbone's as before); **padded**: the ids padded to the batch maximum and t
 forward (instruction prefixes, non-BERT backbones, non-mean pooling). Both give the same loss and
 gradients. STS steps are always padded (short sentences; MidNCE reads a middle layer).
 ``benchmarks/throughput.py`` times :func:`retrieval_loss` itself.
+With ``train.mini_batch_size`` (GradCache, ``train/gradcache.py``) every forward of a step runs in
+chunks of that many texts, and the step's backward ends with ``ctx.gradcache.backward()``.
 """
 
 from __future__ import annotations
