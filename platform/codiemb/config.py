@@ -146,6 +146,11 @@ class TrainConfig(Strict):
     #     a varlen kernel (flash-attn / torch varlen) and bf16 on (those kernels compute attention
     #     in bf16). Both paths give the same loss and gradients (tests/unit/test_loop_unpadded.py).
     retrieval_forward: Literal["auto", "padded", "unpadded"] = "auto"
+    # GradCache (train/gradcache.py): the encoder runs at most this many texts at a time, first
+    # without grad, then again chunk by chunk with the loss's cached embedding gradients, so the
+    # contrastive batch (batch_size, gathered over workers) no longer depends on memory. Same loss
+    # and gradients as without it; about one extra forward per step. None: one forward per batch.
+    mini_batch_size: int | None = Field(None, ge=1)
     checkpoint_every: int = 200
     # also checkpoint when this many minutes passed since the last checkpoint (None: steps only), so
     # a restart loses minutes, not an epoch; all ranks agree at each step boundary (train/loop.py)

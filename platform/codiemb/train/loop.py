@@ -19,6 +19,8 @@ the backbone's as before); **padded**: the ids padded to the batch maximum and t
 forward (instruction prefixes, non-BERT backbones, non-mean pooling). Both give the same loss and
 gradients. STS steps are always padded (short sentences; MidNCE reads a middle layer).
 ``benchmarks/throughput.py`` times :func:`retrieval_loss` itself.
+With ``train.mini_batch_size`` (GradCache, ``train/gradcache.py``) every forward of a step runs in
+chunks of that many texts, and the step's backward ends with ``ctx.gradcache.backward()``.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ class DistContext:
     model: Any = None  # the DDP-wrapped EncoderStep during a multi-process train(); None otherwise
     prepare_model: Any = None  # how to wrap it (ray.train.torch.prepare_model on Ray); None: torch DDP
     should_stop: Any = None  # () -> bool: stop at the next step boundary (default: train.stop.requested)
+    gradcache: Any = None  # train/gradcache.GradCache when train.mini_batch_size is set (train() sets it)
 
     @property
     def is_main(self) -> bool:
@@ -188,9 +191,11 @@ class EncoderStep(torch.nn.Module):
         return self.encoder(features, layers=layers)
 
 
-def _forward(encoder, ctx: "DistContext", features=None, layers=None, packed=None, path=None, module=None):
-    """A forward through the DDP-wrapped step module when there is one (ctx.model), else directly."""
-    if ctx.model is None:
+def _forward(encoder, ctx: "DistContext", features=None, layers=None, packed=None, path=None, module=None,
+             ddp: bool = True):
+    """A forward through the DDP-wrapped step module when there is one (ctx.model) and ``ddp``,
+    else directly (GradCache's chunks but one: they accumulate locally, see train/gradcache.py)."""
+    if ctx.model is None or not ddp:
         return module(packed) if packed is not None else encoder(features, layers=layers)
     if packed is not None:
         ctx.model.module.add_path(path, module)
@@ -390,16 +395,33 @@ def _unpadded_embeddings(encoder, pick, td, cfg, ctx):
     """Queries (B, D) and the filled passage slots (K, D) from ONE packed forward; and the token count."""
     from codiemb.train.unpadded import UnpaddedBert, mean_pool_packed, pack_lists
 
-    packed = pack_lists(pick.queries + pick.passages)
-    tokens = int(packed.lengths.sum())
-    packed = packed.to(ctx.device)
+    texts = pick.queries + pick.passages
+    tokens = sum(len(t) for t in texts)
     gc = cfg.model.gradient_checkpointing
     model = td.cache.get("unpadded_model")  # built once per dataset and backbone, not every step
     if model is None or model.backbone is not encoder.backbone or model.gradient_checkpointing != gc:
         model = td.cache["unpadded_model"] = UnpaddedBert(encoder.backbone, "auto", gradient_checkpointing=gc)
-    emb = mean_pool_packed(_forward(encoder, ctx, packed=packed, path=f"unpadded:{td.name}", module=model), packed)
+
+    def run(i, j, ddp=True):  # texts i..j packed into one sequence, mean-pooled
+        packed = pack_lists(texts[i:j]).to(ctx.device)
+        states = _forward(encoder, ctx, packed=packed, path=f"unpadded:{td.name}", module=model, ddp=ddp)
+        return mean_pool_packed(states, packed)
+
+    emb = run(0, len(texts)) if ctx.gradcache is None else ctx.gradcache.embed(run, len(texts))
     b = len(pick.queries)
     return emb[:b], emb[b:], tokens
+
+
+def _embed(encoder, ctx: "DistContext", features: dict, layers=None):
+    """The padded forward of ``features``; with GradCache (ctx.gradcache) chunk by chunk, each cut
+    to its own longest text (``gradcache.row_chunk``)."""
+    if ctx.gradcache is None:
+        return _forward(encoder, ctx, features, layers=layers)
+    from codiemb.train.gradcache import row_chunk
+
+    return ctx.gradcache.embed(
+        lambda i, j, ddp: _forward(encoder, ctx, row_chunk(features, i, j), layers=layers, ddp=ddp),
+        len(features["input_ids"]))
 
 
 def _fill_slots(found: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -475,7 +497,7 @@ def retrieval_loss(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, 
         qf = {k: v.to(ctx.device) for k, v in qf.items()}
         pf = {k: v.to(ctx.device) for k, v in pf.items()}
         earlier = _earlier_layers(cfg, encoder)
-        qo, po = _forward(encoder, ctx, qf, layers=earlier), _forward(encoder, ctx, pf, layers=earlier)
+        qo, po = _embed(encoder, ctx, qf, layers=earlier), _embed(encoder, ctx, pf, layers=earlier)
         q, found = qo["embedding"], po["embedding"]
         if earlier:
             layer_emb = {l: (qo["layer_embeddings"][l], _fill_slots(po["layer_embeddings"][l], slots))
@@ -520,7 +542,7 @@ def sts_loss_step(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, c
         mid = w.mid_nce_layer if w.mid_nce_layer is not None else max(1, encoder.num_layers // 2)
         layers = [mid]
     earlier = _earlier_layers(cfg, encoder)
-    out = _forward(encoder, ctx, feats, layers=sorted(set(layers or []) | set(earlier or [])) or None)
+    out = _embed(encoder, ctx, feats, layers=sorted(set(layers or []) | set(earlier or [])) or None)
     e1, e2 = out["embedding"][:b], out["embedding"][b:]
     mid1 = mid2 = None
     if layers:
@@ -601,6 +623,9 @@ def train(
         encoder.enable_gradient_checkpointing()
     encoder.train()
     ctx.model = wrap_for_ddp(encoder, ctx, ctx.prepare_model)  # gradients synchronised by DDP
+    from codiemb.train.gradcache import GradCache  # train.mini_batch_size: the encoder runs that many texts at a time
+
+    ctx.gradcache = GradCache(cfg.train.mini_batch_size, ctx.device) if cfg.train.mini_batch_size else None
     for t in tasks:  # decide each retrieval dataset's forward now (a ConfigError fails fast); tokenize once
         if t.task == "retrieval" and retrieval_forward(cfg, encoder, t, ctx.device) == "unpadded":
             store_of(t, encoder, cfg)
@@ -675,6 +700,8 @@ def train(
                                                             idx=idx)
                 weight = cfg.loss.task_weights.get(td.task, 1.0) * cfg.loss.task_weights.get(td.name, 1.0)
                 (loss * weight / accum).backward()  # with DDP: gradients averaged over ranks, bucket by bucket
+                if ctx.gradcache is not None:  # GradCache: the loss stopped at the embeddings; re-run by chunks
+                    ctx.gradcache.backward()
             done_per_task[name] += 1
             window_samples += len(idx) * ctx.world_size
             window_tokens += tokens * ctx.world_size
