@@ -107,8 +107,9 @@ def load_full_state(ctx, optimizer, model_state: dict, optimizer_state: dict | N
 
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(ctx.model, {f"encoder.{k}": v for k, v in model_state.items()}, options=opts)
-    if optimizer_state is not None:
-        set_optimizer_state_dict(ctx.model, optimizer, optimizer_state, options=opts)
+    if optimizer_state is not None:  # not strict: a parameter that never had a gradient (BERT's unused pooler) has no state
+        set_optimizer_state_dict(ctx.model, optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 @contextlib.contextmanager
