@@ -31,13 +31,23 @@ class MaxLength(Strict):
     sts: int = 64
 
 
+class LoraConfig(Strict):
+    """LoRA adapters through ``peft`` (``model/lora.py``): only the adapters train; saved models are merged."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default for the model type (BERT: query, value)
+
+
 class ModelConfig(Strict):
-    name: str = "minilm"  # alias, local folder, or (network permitting) hub id
+    name: str = "minilm"  # alias, local folder, s3:// (or any pyarrow filesystem URI) folder, or (network permitting) hub id
     pooling: Literal["mean", "cls", "last_token", "latent_attention"] | None = None  # None: the folder's own
     normalize: bool = True
     max_length: MaxLength = MaxLength()
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None  # e.g. {r: 16, alpha: 32, target_modules: [query, key, value, dense]}
 
 
 # --------------------------------------------------------------------------- data
@@ -136,6 +146,9 @@ class TrainConfig(Strict):
     grad_clip: float | None = 1.0
     grad_accum: int = Field(1, ge=1)
     bf16: bool = True  # autocast on GPU only
+    # dtype of the weights and so of the AdamW state (exp_avg, exp_avg_sq follow the parameters):
+    # bfloat16 halves both (pure bf16 training: updates below bf16 resolution are lost; no master copy)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     # How a RETRIEVAL step runs the encoder (STS steps are always padded):
     #   unpadded: each dataset is tokenized once; per step its queries and passages run as ONE packed
     #     sequence with block-diagonal attention (train/unpadded.py: no compute on padding).
@@ -164,6 +177,10 @@ class TrainConfig(Strict):
 
 class ScalingConfig(Strict):
     num_workers: int = Field(1, ge=1)
+    # ddp: every worker holds the whole model, gradients all-reduced (DistributedDataParallel);
+    # fsdp: weights, gradients and optimizer state sharded over the workers (FSDP2 fully_shard per
+    # transformer layer and the root, train/memory.py), for models that do not fit one worker
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     # Ray Train restarts the workers from the last reported checkpoint this many times after a

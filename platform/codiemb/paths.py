@@ -90,7 +90,8 @@ SPLIT_ZIP_ALIASES = {
     "sentence-transformers/all-mpnet-base-v2": MPNET,
 }
 
-_READY = ".codiemb-assembled"  # marker written last inside an assembled folder: "<sha256> <size>"
+_READY = ".codiemb-assembled"
+_REMOTE_READY = ".codiemb-fetched"  # written last inside a folder fetched from storage: its cache key  # marker written last inside an assembled folder: "<sha256> <size>"
 _CHUNK = 1 << 20
 
 
@@ -262,6 +263,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     offline with a clear error later).
     """
     name = str(name_or_path)
+    if "://" in name and not name.startswith("file://"):
+        return str(fetch_model_folder(name))
+    if name.startswith("file://"):
+        name = name[len("file://"):]
     if name in MODEL_ALIASES:
         return str(_package_model_dir(MODEL_ALIASES[name]))
     if name in SPLIT_ZIP_ALIASES:
@@ -271,12 +276,87 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or os.sep in name and not _looks_like_hub_id(name):
         raise ModelError(f"model folder not found: {name}")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelError(
-            f"model {name!r} is neither a known alias ({', '.join(sorted([*MODEL_ALIASES, *SPLIT_ZIP_ALIASES]))}) nor a local folder, "
-            "and HF_HUB_OFFLINE=1 forbids the hub"
-        )
-    return name
+    return _hub_snapshot(name)
+
+
+def _hub_snapshot(name: str) -> str:
+    """A hub id's local snapshot folder: downloaded (``huggingface_hub.snapshot_download``) when the
+    network is allowed, else only from the local Hugging Face cache; one-line ``ModelError`` otherwise."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    aliases = ", ".join(sorted([*MODEL_ALIASES, *SPLIT_ZIP_ALIASES]))
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=offline)
+    except Exception as exc:  # hub errors come in many classes; the user sees one line
+        if offline:
+            raise ModelError(f"model {name!r} is neither a known alias ({aliases}), a local folder nor in the "
+                             "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids the hub") from None
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {name!r}: cannot get it from the Hugging Face hub: {msg}") from None
+
+
+# --------------------------------------------------------------------------- model folders on storage
+def remote_cache_key(uri: str, listing: list[tuple[str, int, int]]) -> str:
+    """sha256 of the URI and every file's (relative path, size, mtime in ns), hex: the cache folder
+    changes whenever any file of the remote folder does."""
+    h = hashlib.sha256(uri.rstrip("/").encode())
+    for rel, size, mtime in sorted(listing):
+        h.update(f"\n{rel}\t{size}\t{mtime}".encode())
+    return h.hexdigest()
+
+
+def fetch_model_folder(uri: str) -> Path:
+    """A model folder on storage (``s3://bucket/prefix/`` or any pyarrow filesystem URI), copied
+    once into the local cache (``cache_dir()/remote/<name>-<key>``, keyed by :func:`remote_cache_key`)
+    and returned from there. Each process (a Ray worker on any node) calls this itself, so a
+    remote node reads the model from storage, never from a path only the driver has. The copy
+    goes to a temp folder renamed into place, so concurrent workers on one node never see half a
+    folder (the first rename wins; the others drop their copy)."""
+    import pyarrow.fs as pafs
+
+    from codiemb.data.local import open_filesystem
+    from codiemb.errors import DataError
+
+    try:
+        fs, root = open_filesystem(uri)
+    except DataError as exc:
+        raise ModelError(f"model {uri}: {exc}") from None
+    root = root.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise ModelError(f"model {uri}: cannot list the folder ({str(exc).splitlines()[0]})") from None
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    listing = [(i.path[len(root) + 1:], int(i.size), int(i.mtime_ns or 0)) for i in files]
+    if not any(rel in ("config.json", "modules.json") for rel, _, _ in listing):
+        raise ModelError(f"model {uri}: no model folder there (no config.json or modules.json; "
+                         f"{len(listing)} files found)")
+    key = remote_cache_key(uri, listing)
+    dest = cache_dir() / "remote" / f"{Path(root).name or 'model'}-{key[:16]}"
+    if (dest / _REMOTE_READY).is_file() and (dest / _REMOTE_READY).read_text().strip() == key:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        for info, (rel, _, _) in zip(files, listing):
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+        (tmp / _REMOTE_READY).write_text(key + "\n")
+        if dest.exists() and not (dest / _REMOTE_READY).is_file():
+            shutil.rmtree(dest)  # a stale half folder (no marker): replace it
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / _REMOTE_READY).is_file():  # not a concurrent winner: a real failure
+                raise
+    except OSError as exc:
+        raise ModelError(f"model {uri}: cannot copy it to {dest} ({str(exc).splitlines()[0]})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -313,24 +313,38 @@ class Encoder(nn.Module):
         return out.numpy() if convert_to_numpy else out
 
     # ------------------------------------------------------------------ saving
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a sentence-transformers folder at ``path`` (via a temp dir + rename; replaces safely)."""
+    def save(self, path: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write a sentence-transformers folder at ``path`` (via a temp dir + rename; replaces safely).
+
+        ``state_dict``: this encoder's full state dict (keys ``backbone.*``, ``latent_pooling.*``)
+        to write instead of the live tensors, e.g. gathered from FSDP shards. A LoRA backbone
+        (``model/lora.py``) is written merged: a plain model, no adapters.
+        """
         from importlib.metadata import PackageNotFoundError, version
 
         from safetensors.torch import save_file
+
+        from codiemb.model.lora import is_lora, merged_state_dict
 
         path = Path(path).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the saved model is an ordinary folder
+        backbone, backbone_state = self.backbone, None
+        if state_dict is not None:
+            backbone_state = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        if is_lora(backbone):
+            backbone, backbone_state = backbone.get_base_model(), merged_state_dict(backbone)
         try:
-            self.backbone.save_pretrained(str(tmp), safe_serialization=True)
+            backbone.save_pretrained(str(tmp), safe_serialization=True, state_dict=backbone_state)
             self.tokenizer.save_pretrained(str(tmp))
             modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
             if self.pooling == "latent_attention":
                 (tmp / LATENT_MODULE_DIR).mkdir()
                 _write_json(tmp / LATENT_MODULE_DIR / "config.json", self.latent_pooling.get_config())
-                state = {k: v.detach().contiguous().cpu() for k, v in self.latent_pooling.state_dict().items()}
+                state = ({k[len("latent_pooling."):]: v for k, v in state_dict.items() if k.startswith("latent_pooling.")}
+                         if state_dict is not None else self.latent_pooling.state_dict())
+                state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
                 save_file(state, str(tmp / LATENT_MODULE_DIR / "model.safetensors"))
                 modules.append({"idx": 1, "name": "1", "path": LATENT_MODULE_DIR, "type": LATENT_MODULE_TYPE})
             else:

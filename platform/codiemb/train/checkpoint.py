@@ -6,6 +6,8 @@ A checkpoint folder ``step-000200/`` holds
 - ``optimizer.safetensors`` + ``optimizer.json``  AdamW tensors, and everything else of its state
 - ``trainer.json``     step, scheduler, sampler and Python/NumPy RNG state, extra user state
 - ``rng.safetensors``  torch CPU (and CUDA) RNG states
+- ``trainable.safetensors``  with LoRA only: the parameters that train (adapters), by name; the
+  frozen base is the run's ``model.name``, so resume loads these into it (``model/`` is merged)
 - ``manifest.json``    sha256 and size of every file above
 
 It is written to ``.tmp-step-000200-<pid>`` next to the final folder, fsynced, then renamed, so a
@@ -66,7 +68,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         pstate = {}
         for key, spec in entry.items():
             pstate[key] = tensors[f"{pid}.{key}"] if spec.get("tensor") else spec["value"]
-        state[int(pid)] = pstate
+        state[int(pid) if pid.isdigit() else pid] = pstate  # names: FSDP's full optimizer state
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -106,8 +108,15 @@ def save_checkpoint(
     scheduler: Any | None,
     trainer_state: dict[str, Any],
     keep: int | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write ``root/step-XXXXXX`` atomically and return its path; prune to the newest ``keep``."""
+    """Write ``root/step-XXXXXX`` atomically and return its path; prune to the newest ``keep``.
+
+    ``model_state`` / ``optimizer_state``: full states gathered from FSDP shards, written instead
+    of ``encoder``'s live tensors and ``optimizer.state_dict()``."""
+    from codiemb.model.lora import is_lora
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -115,9 +124,12 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    encoder.save(tmp / "model")
+    encoder.save(tmp / "model", state_dict=model_state)
+    if is_lora(encoder.backbone):
+        save_file({n: p.detach().cpu().contiguous() for n, p in encoder.named_parameters() if p.requires_grad},
+                  str(tmp / "trainable.safetensors"))
     if optimizer is not None:
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        tensors, meta = _flatten_optimizer(optimizer_state if optimizer_state is not None else optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
     rng_tensors, rng_meta = rng_state()
@@ -189,19 +201,49 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "trainer.json").read_text())
 
 
-def restore_checkpoint(path: str | Path, encoder, optimizer=None, scheduler=None) -> dict[str, Any]:
-    """Load weights, optimizer, scheduler and RNG state in place; return the trainer state."""
+def restore_checkpoint(path: str | Path, encoder, optimizer=None, scheduler=None, fsdp=None) -> dict[str, Any]:
+    """Load weights, optimizer, scheduler and RNG state in place; return the trainer state.
+
+    ``fsdp``: the loop's ``DistContext`` when its model is FSDP-sharded; every rank then loads the
+    full states and keeps its shards (``train/memory.load_full_state``)."""
+    from codiemb.model.lora import is_lora
+
     path = Path(path)
-    _load_model_weights(encoder, path / "model")
+    optim_state = None
     if optimizer is not None and (path / "optimizer.safetensors").is_file():
         tensors = load_file(str(path / "optimizer.safetensors"))
         meta = json.loads((path / "optimizer.json").read_text())
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+        optim_state = _unflatten_optimizer(tensors, meta)
+    if fsdp is not None:
+        from codiemb.model.encoder import Encoder
+        from codiemb.train import memory
+
+        memory.load_full_state(fsdp, optimizer, Encoder.load(str(path / "model"), device="cpu").state_dict(), optim_state)
+    else:
+        if is_lora(encoder.backbone):
+            _load_trainable(encoder, path / "trainable.safetensors")
+        else:
+            _load_model_weights(encoder, path / "model")
+        if optim_state is not None:
+            optimizer.load_state_dict(optim_state)
     state = load_trainer_state(path)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
+
+
+def _load_trainable(encoder, file: Path) -> None:
+    """LoRA: the trained parameters (adapters) by name into ``encoder``; every one must be there."""
+    tensors = load_file(str(file))
+    want = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    if set(tensors) != want:
+        raise ValueError(f"{file}: holds {len(tensors)} tensors, the model trains {len(want)} "
+                         f"(different LoRA config?): e.g. {sorted(set(tensors) ^ want)[:3]}")
+    params = dict(encoder.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
 
 
 def _load_model_weights(encoder, folder: Path) -> None:

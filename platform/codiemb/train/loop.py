@@ -190,6 +190,16 @@ class EncoderStep(torch.nn.Module):
             return self._paths[path](packed)
         return self.encoder(features, layers=layers)
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        """FSDP2 (``scaling.strategy: fsdp``, this module is then the ``fully_shard`` root): DDP's
+        ``no_sync``, gradients accumulate unreduced until the update step."""
+        self.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.set_requires_gradient_sync(True)
+
 
 def _forward(encoder, ctx: "DistContext", features=None, layers=None, packed=None, path=None, module=None,
              ddp: bool = True):
@@ -198,7 +208,7 @@ def _forward(encoder, ctx: "DistContext", features=None, layers=None, packed=Non
     if ctx.model is None or not ddp:
         return module(packed) if packed is not None else encoder(features, layers=layers)
     if packed is not None:
-        ctx.model.module.add_path(path, module)
+        getattr(ctx.model, "module", ctx.model).add_path(path, module)
         return ctx.model(packed=packed, path=path)
     return ctx.model(features=features, layers=layers)
 
@@ -340,6 +350,10 @@ def unpadded_unsupported(cfg: Config, encoder, td: TaskData | None = None) -> st
     why = unsupported_reason(encoder.backbone)
     if why:
         return why
+    if cfg.model.lora is not None:
+        return "model.lora wraps the linear layers in adapters (the unpadded forward reads the raw weights)"
+    if cfg.scaling.strategy == "fsdp":
+        return "scaling.strategy is fsdp (the unpadded forward bypasses the layers' forward, where FSDP gathers weights)"
     if encoder.pooling != "mean":
         return f"pooling is {encoder.pooling!r} (the unpadded forward pools by mean)"
     if cfg.loss.matryoshka is not None and cfg.loss.matryoshka.layers:
@@ -603,6 +617,7 @@ def train(
     from codiemb.model.encoder import Encoder
     from codiemb.train import checkpoint as ckpt
     from codiemb.train import stop as stopping
+    from codiemb.train import memory
     from codiemb.train.fast_batches import make_adamw
 
     ctx = ctx or DistContext(device=torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu"))
@@ -621,8 +636,15 @@ def train(
                            trust_remote_code=cfg.model.trust_remote_code, device=ctx.device)
     if cfg.model.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
+    memory.prepare_encoder(encoder, cfg)  # model.lora, train.param_dtype
     encoder.train()
-    ctx.model = wrap_for_ddp(encoder, ctx, ctx.prepare_model)  # gradients synchronised by DDP
+    if cfg.scaling.strategy == "fsdp" and ctx.world_size > 1:
+        if cfg.train.mini_batch_size:
+            raise ValueError("train.mini_batch_size (GradCache) with scaling.strategy: fsdp is not supported yet: "
+                             "GradCache's chunk forwards bypass the FSDP root; use strategy: ddp")
+        ctx.model = memory.shard_fsdp(EncoderStep(encoder), encoder, ctx)  # weights/grads/optimizer sharded
+    else:
+        ctx.model = wrap_for_ddp(encoder, ctx, ctx.prepare_model)  # gradients synchronised by DDP
     from codiemb.train.gradcache import GradCache  # train.mini_batch_size: the encoder runs that many texts at a time
 
     ctx.gradcache = GradCache(cfg.train.mini_batch_size, ctx.device) if cfg.train.mini_batch_size else None
@@ -652,7 +674,8 @@ def train(
     if resume:
         latest = Path(resume_from) if resume_from else ckpt.latest_checkpoint(ckpt_root)
         if latest is not None:
-            state = ckpt.restore_checkpoint(latest, encoder, optimizer, scheduler)
+            state = ckpt.restore_checkpoint(latest, encoder, optimizer, scheduler,
+                                            fsdp=ctx if memory.is_fsdp(ctx.model) else None)
             start_step = resumed_from = int(state["step"])
             done_per_task.update(state.get("steps_per_task", {}))
             log.info("resumed from %s (step %d of %d)", latest, start_step, total_steps)
@@ -735,7 +758,8 @@ def train(
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
                 # every rank embeds its share of the dev sets (evaluate/dev.py), so none waits idle
                 # in a collective while rank 0 evaluates alone
-                dev = evaluate_dev(encoder, cfg, ctx)
+                with memory.unsharded(ctx):
+                    dev = evaluate_dev(encoder, cfg, ctx)
                 if dev and ctx.is_main:
                     callbacks.on_log(done, {f"dev/{k}": v for k, v in dev.items()})
                 encoder.train()
@@ -767,10 +791,12 @@ def train(
     dev = None
     if finished:
         encoder.eval()
+        full = memory.full_model_state(ctx)  # FSDP: gathered to rank 0 (every rank takes part); else None
         if ctx.is_main:
-            encoder.save(model_dir)
+            encoder.save(model_dir, state_dict=full)
         if cfg.data.dev is not None and cfg.train.eval_at_end and os.environ.get("CODIEMB_SKIP_DEV") != "1":
-            dev = evaluate_dev(encoder, cfg, ctx)  # on every rank, as above
+            with memory.unsharded(ctx):
+                dev = evaluate_dev(encoder, cfg, ctx)  # on every rank, as above
             if dev and ctx.is_main:
                 callbacks.on_log(step + 1, {f"dev/{k}": v for k, v in dev.items()})
             if not ctx.is_main:
@@ -789,13 +815,18 @@ def train(
 
 def _checkpoint(ckpt, root, done, encoder, optimizer, scheduler, sampler, done_per_task, cfg, ctx, callbacks):
     """Rank 0 writes; every rank then calls ``on_checkpoint`` (path None off rank 0), so a
-    callback may act as a barrier (``ray.train.report`` must be called by all workers)."""
+    callback may act as a barrier (``ray.train.report`` must be called by all workers). Under
+    FSDP every rank first takes part in gathering the full model and optimizer states."""
+    from codiemb.train import memory
+
     path = None
+    model_state, optim_state = memory.full_model_state(ctx), memory.full_optimizer_state(ctx, optimizer)
     if ctx.is_main:
         path = ckpt.save_checkpoint(root, done, encoder, optimizer, scheduler,
                                     {"steps_per_task": dict(done_per_task), "sampler": sampler.state_dict(),
                                      "config": cfg.to_dict()},
-                                    keep=cfg.train.keep_checkpoints)
+                                    keep=cfg.train.keep_checkpoints, model_state=model_state,
+                                    optimizer_state=optim_state)
         encoder.train()
     if ctx.world_size > 1:
         import torch.distributed as dist

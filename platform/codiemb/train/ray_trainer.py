@@ -288,11 +288,32 @@ def _worker_config(cfg: Config) -> dict:
     return tree
 
 
+def upload_model(model_dir: Path, cfg: Config) -> str:
+    """The trained model's place on the run's storage: for remote storage (``s3://`` or another
+    URI) ``model_dir`` is copied to ``<storage.path>/<run.name>/model`` (a folder that
+    ``model.name`` may name for the next run); local storage already holds it (returned as is)."""
+    if "://" not in cfg.storage.path or cfg.storage.path.startswith("file://"):
+        return str(model_dir)
+    import pyarrow.fs as pafs
+
+    from codiemb.data.local import open_filesystem
+
+    uri = f"{cfg.storage.path.rstrip('/')}/{cfg.run.name}/model"
+    fs, dest = open_filesystem(uri)
+    fs.delete_dir_contents(dest, missing_dir_ok=True)  # a re-run replaces the folder, no stale files
+    pafs.copy_files(str(Path(model_dir).resolve()), dest, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    log.info("trained model uploaded to %s", uri)
+    return uri
+
+
 def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None = None) -> TrainResult:
     """Run the loop on ``scaling.num_workers`` Ray Train workers and return the final result.
 
     The final model is copied to ``train.output`` (default ``<storage.path>/<run.name>/model`` for
-    local storage; for ``s3://`` storage, ``./runs/<run.name>/model`` on the driver).
+    local storage; for ``s3://`` storage, ``./runs/<run.name>/model`` on the driver, and uploaded to
+    ``<storage.path>/<run.name>/model``: the summary's ``model_uri``). Checkpoints are Ray Train's,
+    under ``<storage.path>/<run.name>/`` (``step-NNNNNN/``, ``final/``), on that storage.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -353,6 +374,7 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
             shutil.copy(Path(d) / "metrics.jsonl", local_root / "metrics.jsonl")
     summary["model_dir"] = str(model_out)
     summary["output_dir"] = str(local_root)
+    summary["model_uri"] = upload_model(model_out, cfg)
     summary["data_counts"] = counts
     (local_root / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     fields = TrainResult.__dataclass_fields__
