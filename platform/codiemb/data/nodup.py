@@ -73,12 +73,23 @@ def remove_duplicates(batches: np.ndarray, offsets: np.ndarray, values: np.ndarr
     def hs(row: int) -> np.ndarray:
         return values[offsets[row]:offsets[row + 1]]
 
-    def batch_counter(j: int, skip: int | None = None) -> Counter:
-        c: Counter = Counter()
-        for p in range(j * g, (j + 1) * g):
-            if p != skip:
+    counters: dict[int, Counter] = {}  # hash -> rows holding it, per batch touched (kept up to date)
+
+    def counter(j: int) -> Counter:
+        c = counters.get(j)
+        if c is None:
+            c = counters[j] = Counter()
+            for p in range(j * g, (j + 1) * g):
                 c.update(set(hs(int(flat[p])).tolist()))
         return c
+
+    def clashes(c: Counter, row: set, leaving: set) -> bool:
+        """Would ``row`` repeat a text of the batch counted by ``c`` once ``leaving`` has left it?"""
+        return any(c[h] - (h in leaving) > 0 for h in row)
+
+    def move(c: Counter, out: set, into: set) -> None:
+        c.subtract(out)
+        c.update(into)
 
     conflicted = set((offenders // g).tolist())
     stats.conflicted = len(conflicted)
@@ -86,9 +97,9 @@ def remove_duplicates(batches: np.ndarray, offsets: np.ndarray, values: np.ndarr
     unresolved: set[int] = set()
     for p in offenders.tolist():
         j = p // g
-        here = batch_counter(j, skip=p)
+        here = counter(j)
         mine = set(hs(int(flat[p])).tolist())
-        if not any(here[h] for h in mine):
+        if not clashes(here, mine, mine):
             continue  # an earlier swap already removed its counterpart
         found = False
         tries = 0
@@ -97,23 +108,24 @@ def remove_duplicates(batches: np.ndarray, offsets: np.ndarray, values: np.ndarr
                 break
             tries += 1
             cand = set(hs(int(spare[s])).tolist())
-            if not any(here[h] for h in cand):
+            if not clashes(here, cand, mine):
                 flat[p], spare[s] = spare[s], flat[p]
+                move(here, mine, cand)
                 found = True
                 break
         jj = (j + 1) % nb
         while not found and tries < max_tries and jj != j:
-            there = batch_counter(jj)
+            there = counter(jj)
             for q in range(jj * g, (jj + 1) * g):
                 if tries >= max_tries:
                     break
                 tries += 1
-                cand_list = set(hs(int(flat[q])).tolist())
-                if any(here[h] for h in cand_list):
-                    continue
-                if any(there[h] - (h in cand_list) > 0 for h in mine):
+                cand = set(hs(int(flat[q])).tolist())
+                if clashes(here, cand, mine) or clashes(there, mine, cand):
                     continue
                 flat[p], flat[q] = flat[q], flat[p]
+                move(here, mine, cand)
+                move(there, cand, mine)
                 found = True
                 break
             jj = (jj + 1) % nb
