@@ -420,8 +420,16 @@ class ShardStore:
         if self.task != "retrieval":
             raise ValueError("row hashes exist for retrieval shard sets only")
         offs, vals, base = [np.zeros(1, np.int64)], [], 0
+        remote = self._arrays is None and open_root(self.root)[0].type_name != "local"
         for s in range(len(self.shards)):
-            a = self._shard(s)
+            if remote:  # just the two small arrays, not the whole shard into the local cache
+                fs, root = open_root(self.root)
+                a = {}
+                for k in ("row_texts", "text_hash"):
+                    with fs.open_input_stream(join(root, "parts", self.shards[s]["name"], f"{k}.npy")) as fh:
+                        a[k] = np.load(io.BytesIO(fh.readall()), allow_pickle=False)
+            else:
+                a = self._shard(s)
             rt = np.asarray(a["row_texts"], np.int64)
             offs.append(rt[1:] + base)
             vals.append(np.asarray(a["text_hash"], np.int64))
