@@ -150,3 +150,12 @@ def test_the_cost_benchmark_runs_and_leaves_no_duplicate(load_benchmark, tmp_pat
     assert out["batches"] == 3000 // 32 and out["batches_with_duplicates_without"] > 0
     assert out["batches_with_duplicates_with"] == 0
     assert 0 < out["batches_swapped"] <= out["batches_with_duplicates_without"]
+
+
+def test_find_offenders_in_chunks_equals_one_pass():
+    rng = np.random.default_rng(0)
+    n = 4000
+    offsets, values = np.arange(0, 3 * n + 1, 3), rng.integers(0, 3000, 3 * n)
+    batches = rng.permutation(n).reshape(-1, 16)
+    whole = find_offenders(batches, offsets, values)
+    assert whole.size > 0 and np.array_equal(find_offenders(batches, offsets, values, rows_per_chunk=50), whole)

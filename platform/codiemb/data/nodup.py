@@ -44,18 +44,25 @@ def _ragged(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.repeat(starts, counts) + (np.arange(total, dtype=np.int64) - first), counts
 
 
-def find_offenders(batches: np.ndarray, offsets: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Flat positions (batch · g + slot) of rows repeating a text of an earlier row of their batch."""
+def find_offenders(batches: np.ndarray, offsets: np.ndarray, values: np.ndarray,
+                   rows_per_chunk: int = 1 << 18) -> np.ndarray:
+    """Flat positions (batch · g + slot) of rows repeating a text of an earlier row of their batch.
+
+    Works on ``rows_per_chunk`` rows of whole batches at a time, so its scratch memory is bounded."""
     nb, g = batches.shape
-    flat = batches.reshape(-1)
-    idx, counts = _ragged(offsets, flat)
-    h = values[idx]
-    pos = np.repeat(np.arange(nb * g, dtype=np.int64), counts)
-    bid = pos // g
-    order = np.lexsort((pos, h, bid))
-    h, pos, bid = h[order], pos[order], bid[order]
-    same = (bid[1:] == bid[:-1]) & (h[1:] == h[:-1]) & (pos[1:] != pos[:-1])
-    return np.unique(pos[1:][same])
+    step = max(1, rows_per_chunk // g)
+    found = []
+    for b0 in range(0, nb, step):
+        part = batches[b0:b0 + step].reshape(-1)
+        idx, counts = _ragged(offsets, part)
+        h = values[idx]
+        pos = np.repeat(np.arange(b0 * g, b0 * g + part.size, dtype=np.int64), counts)
+        bid = pos // g
+        order = np.lexsort((pos, h, bid))
+        h, pos, bid = h[order], pos[order], bid[order]
+        same = (bid[1:] == bid[:-1]) & (h[1:] == h[:-1]) & (pos[1:] != pos[:-1])
+        found.append(pos[1:][same])
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
 
 def remove_duplicates(batches: np.ndarray, offsets: np.ndarray, values: np.ndarray,
