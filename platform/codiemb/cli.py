@@ -49,20 +49,26 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_data_mine_negatives(args: argparse.Namespace) -> int:
     from codiemb.data.local import read_records
-    from codiemb.data.negatives import corpus_texts, mine_hard_negatives, parse_ranks, write_jsonl_atomic
+    from codiemb.data.negatives import corpus_source, load_teacher, mine_hard_negatives, parse_ranks, write_jsonl_atomic
     from codiemb.model.encoder import Encoder
     from codiemb.paths import resolve_data_path  # as in configs: a relative path may be under the data folder
 
     ranks = parse_ranks(args.ranks)
     records = read_records(resolve_data_path(args.pairs, args.data_dir), "retrieval").records
-    corpus = corpus_texts(resolve_data_path(args.corpus, args.data_dir))
+    corpus = corpus_source(resolve_data_path(args.corpus, args.data_dir))
     encoder = Encoder.load(args.model)
+    teacher = (load_teacher(args.teacher, batch_size=args.batch_size, query_max_length=args.query_max_length,
+                            doc_max_length=args.doc_max_length) if args.teacher else None)
+    stats: dict = {}
     rows = mine_hard_negatives(encoder, records, corpus, num=args.num, ranks=ranks, seed=args.seed,
                                batch_size=args.batch_size, query_max_length=args.query_max_length,
-                               doc_max_length=args.doc_max_length)
+                               doc_max_length=args.doc_max_length, max_score_ratio=args.max_score_ratio,
+                               absolute_margin=args.absolute_margin, teacher=teacher, scores=not args.no_scores,
+                               index=args.index, stats=stats)
     write_jsonl_atomic(rows, args.out)
-    print(json.dumps({"out": str(args.out), "rows": len(rows), "corpus": len(set(corpus)),
-                      "negatives": sum(len(r["negatives"]) for r in rows)}))
+    print(json.dumps({"out": str(args.out), "rows": len(rows), "corpus": stats["unique_documents"],
+                      "negatives": sum(len(r["negatives"]) for r in rows), "candidates": stats["candidates"],
+                      "filtered": stats["filtered"], "short_rows": stats["short_rows"]}))
     return 0
 
 
@@ -262,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--query-max-length", type=int, default=64)
     pm.add_argument("--doc-max-length", type=int, default=256)
     pm.add_argument("--data-dir", help="data folder for relative paths (default: $CODIEMB_DATA, else ../shared/data)")
+    pm.add_argument("--max-score-ratio", type=float, default=None,
+                    help="false-negative filter: drop candidates scoring above this fraction of the positive's "
+                         "score (NV-Retriever: 0.95)")
+    pm.add_argument("--absolute-margin", type=float, default=None,
+                    help="false-negative filter: drop candidates scoring above the positive's score minus this")
+    pm.add_argument("--teacher", default=None,
+                    help="rescore the candidates with this model (a cross-encoder folder, or any encoder) "
+                         "before filtering; the written scores are its scores")
+    pm.add_argument("--no-scores", action="store_true",
+                    help="do not write positive_scores / negative_scores with the rows")
+    pm.add_argument("--index", choices=["faiss", "torch"], default="faiss", help="exact search backend (default faiss)")
     pm.set_defaults(func=cmd_data_mine_negatives)
 
     p = sub.add_parser("evaluate", help="score a model on a benchmark suite")

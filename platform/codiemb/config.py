@@ -95,6 +95,8 @@ class DataConfig(Strict):
 class SamplerConfig(Strict):
     policy: Literal["proportional", "round_robin", "temperature"] = "proportional"
     temperature: float = Field(1.0, gt=0)
+    # retrieval datasets: no global batch holds the same text (query, positive or negative) in two rows
+    no_duplicates: bool = True
 
 
 # --------------------------------------------------------------------------- losses

@@ -26,6 +26,13 @@ Policies (total steps T = Σ_k ⌊epochs · nb_k⌋, or ``max_steps`` when given
 * ``temperature``: each step draws dataset k with probability p_k ∝ nb_k^(1/T) from a seeded
   RNG (T = 1: proportional in expectation; T → ∞: uniform); exhausted datasets move to their
   next epoch. nb_k (batches, not rows) is the size so that per-task batch sizes stay honest.
+
+**No duplicates** (``row_hashes``, the default for retrieval datasets in training): for a dataset
+given its rows' text hashes, each epoch's global batches are rearranged once by
+:func:`codiemb.data.nodup.remove_duplicates` so that no batch holds the same text in two rows
+(rows swap places between batches or with the rows ``drop_last`` leaves out). Batch sizes and the
+plan are unchanged (exact steps per task), and the arrangement is a pure function of (seed,
+epoch), so the rows of a step stay random access. Batches that needed a swap are counted and logged.
 """
 
 from __future__ import annotations
@@ -60,7 +67,11 @@ class TaskBatchSampler:
         seed: int = 0,
         drop_last: bool = True,
         max_steps: int | None = None,
+        row_hashes: dict[str, Any] | None = None,
     ) -> None:
+        """``row_hashes``: dataset name -> ``(offsets, values)`` (row r's text hashes are
+        ``values[offsets[r]:offsets[r + 1]]``), or a function returning them (called once, on first
+        use); those datasets get batches without duplicate texts."""
         if policy not in POLICIES:
             raise ConfigError(f"sampler.policy: unknown policy {policy!r}, expected one of {', '.join(POLICIES)}")
         if not sizes:
@@ -86,6 +97,12 @@ class TaskBatchSampler:
         self.drop_last = bool(drop_last)
         self.max_steps = None if max_steps is None else int(max_steps)
         self.names = list(self.sizes)
+        self._row_hashes = dict(row_hashes or {})
+        unknown = [k for k in self._row_hashes if k not in self.sizes]
+        if unknown:
+            raise ConfigError(f"sampler: row hashes for unknown dataset(s) {', '.join(unknown)}")
+        self.no_duplicates = sorted(self._row_hashes)
+        self.swap_stats: dict[tuple[str, int], Any] = {}  # (dataset, epoch) -> nodup.SwapStats
 
         self.global_batch: dict[str, int] = {}
         self.batches_per_epoch: dict[str, int] = {}
@@ -186,6 +203,53 @@ class TaskBatchSampler:
             self._perm_cache[key] = perm
         return perm
 
+    def _hashes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        h = self._row_hashes[name]
+        if callable(h):
+            h = self._row_hashes[name] = h()
+        offsets, values = np.asarray(h[0], np.int64), np.asarray(h[1], np.int64)
+        if len(offsets) != self.sizes[name] + 1:
+            raise DataError(f"dataset {name}: row hashes for {len(offsets) - 1} rows, the dataset has {self.sizes[name]}")
+        return offsets, values
+
+    def _arranged(self, name: str, epoch: int) -> np.ndarray:
+        """Epoch ``epoch`` of a no-duplicates dataset: nb × G row ids (see the module docstring)."""
+        from codiemb.data.nodup import remove_duplicates
+
+        key = ("nodup", name, epoch)
+        hit = self._perm_cache.get(key)
+        if hit is not None:
+            return hit
+        perm = self._permutation(name, epoch)
+        nb, g, n = self.batches_per_epoch[name], self.global_batch[name], self.sizes[name]
+        if nb * g <= n:
+            batches, spare = perm[: nb * g].reshape(nb, g).copy(), perm[nb * g:].copy()
+        else:  # drop_last=False: topped up from the start of the permutation, as without the option
+            batches, spare = np.concatenate([perm, perm[: nb * g - n]]).reshape(nb, g), None
+        offsets, values = self._hashes(name)
+        stats = remove_duplicates(batches, offsets, values, spare)
+        if (name, epoch) not in self.swap_stats:
+            self.swap_stats[(name, epoch)] = stats
+            if stats.conflicted:
+                log.info("no-duplicates: dataset %s epoch %d: %d of %d batches needed a swap (%d rows swapped), "
+                         "%d kept a duplicate (no partner found)", name, epoch, stats.swapped, nb, stats.swaps,
+                         stats.unresolved)
+        self._perm_cache[key] = batches
+        return batches
+
+    def swap_summary(self) -> dict[str, dict[str, int]]:
+        """Per no-duplicates dataset, over the epochs arranged so far: batches, batches that needed a
+        swap, rows swapped, batches left with a duplicate."""
+        out = {k: {"epochs": 0, "batches": 0, "swapped": 0, "swaps": 0, "unresolved": 0} for k in self.no_duplicates}
+        for (name, _), s in self.swap_stats.items():
+            o = out[name]
+            o["epochs"] += 1
+            o["batches"] += s.batches
+            o["swapped"] += s.swapped
+            o["swaps"] += s.swaps
+            o["unresolved"] += s.unresolved
+        return out
+
     def global_rows(self, step: int) -> tuple[str, list[int]]:
         """Dataset name and all G_k row indices of global step ``step`` (rank slices in order)."""
         if not 0 <= step < len(self._plan):
@@ -193,6 +257,8 @@ class TaskBatchSampler:
         name, c = self._plan[step]
         nb, g = self.batches_per_epoch[name], self.global_batch[name]
         epoch, j = divmod(c, nb)
+        if name in self._row_hashes:
+            return name, self._arranged(name, epoch)[j].tolist()
         perm = self._permutation(name, epoch)
         rows = perm[j * g : (j + 1) * g]
         if len(rows) < g:  # drop_last=False: top up from the start of this epoch's permutation
@@ -232,6 +298,7 @@ class TaskBatchSampler:
             "seed": self.seed,
             "drop_last": self.drop_last,
             "max_steps": self.max_steps,
+            "no_duplicates": list(self.no_duplicates),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,6 +310,7 @@ class TaskBatchSampler:
         saved = {k: state.get(k) for k in self._signature()}
         saved["sizes"] = dict(saved["sizes"] or {})
         saved["batch_sizes"] = dict(saved["batch_sizes"] or {})
+        saved["no_duplicates"] = list(saved["no_duplicates"] or [])  # states saved before the option: none
         diff = [k for k, v in self._signature().items() if saved[k] != v]
         if diff:
             raise ConfigError(

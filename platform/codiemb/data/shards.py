@@ -17,6 +17,9 @@ texts + 1) cut it into texts, ``row_texts`` (int64, rows + 1) groups texts into 
   instruction prefix and are left out of pooling, as ``Encoder.tokenize(instruction=...)``
   does; 0 without instruction);
 - sts row: ``[sentence1, sentence2]`` and ``score`` (float64);
+- retrieval: ``text_hash`` (int64, one per text, aligned with ``text_offsets``): a 64-bit hash of
+  the text's token ids (:func:`codiemb.data.hashing.ids_hashes`), computed in the build pass, so the
+  no-duplicates batch sampler compares texts without reading them (:meth:`ShardStore.row_hashes`);
 - both: ``file`` (int32 index into the manifest's ``files``) and ``line`` (int64): where the row
   came from.
 
@@ -49,12 +52,12 @@ from codiemb.errors import DataError
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the arrays or their meaning change, so old shard sets are never misread.
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: retrieval shards carry text_hash
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 ARRAYS = {
     "retrieval": {"tokens": np.int32, "text_offsets": np.int64, "row_texts": np.int64, "n_pos": np.int32,
-                  "pool_start": np.int32, "file": np.int32, "line": np.int64},
+                  "pool_start": np.int32, "file": np.int32, "line": np.int64, "text_hash": np.int64},
     "sts": {"tokens": np.int32, "text_offsets": np.int64, "row_texts": np.int64, "score": np.float64,
             "file": np.int32, "line": np.int64},
 }
@@ -154,7 +157,10 @@ def encode_rows(tokenizer, task: str, records: Sequence[dict], max_length: dict[
                 n_pos.append(len(r["positives"]))
                 keep.append(i)
             k += count
-        extra = {"n_pos": np.asarray(n_pos, np.int32), "pool_start": np.asarray([pool[i] for i in keep], np.int32)}
+        from codiemb.data.hashing import ids_hashes
+
+        extra = {"n_pos": np.asarray(n_pos, np.int32), "pool_start": np.asarray([pool[i] for i in keep], np.int32),
+                 "text_hash": ids_hashes(texts)}
     elif task == "sts":
         limit = int(max_length["sts"])
         a = _encode_texts(tokenizer, [r["sentence1"] for r in records], limit)
@@ -406,6 +412,29 @@ class ShardStore:
         a, j = self._locate(i)
         s1, s2 = self.texts(i)
         return s1, s2, float(a["score"][j])
+
+    def row_hashes(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(offsets, values)`` over the whole set: row i's text hashes (query, positives,
+        negatives) are ``values[offsets[i]:offsets[i + 1]]``. Reads only the small ``text_hash`` and
+        ``row_texts`` arrays (8 bytes a text), never the tokens."""
+        if self.task != "retrieval":
+            raise ValueError("row hashes exist for retrieval shard sets only")
+        offs, vals, base = [np.zeros(1, np.int64)], [], 0
+        remote = self._arrays is None and open_root(self.root)[0].type_name != "local"
+        for s in range(len(self.shards)):
+            if remote:  # just the two small arrays, not the whole shard into the local cache
+                fs, root = open_root(self.root)
+                a = {}
+                for k in ("row_texts", "text_hash"):
+                    with fs.open_input_stream(join(root, "parts", self.shards[s]["name"], f"{k}.npy")) as fh:
+                        a[k] = np.load(io.BytesIO(fh.readall()), allow_pickle=False)
+            else:
+                a = self._shard(s)
+            rt = np.asarray(a["row_texts"], np.int64)
+            offs.append(rt[1:] + base)
+            vals.append(np.asarray(a["text_hash"], np.int64))
+            base += int(rt[-1])
+        return np.concatenate(offs), (np.concatenate(vals) if vals else np.zeros(0, np.int64))
 
     def source(self, i: int) -> tuple[str, int]:
         """(file, line) row i was read from."""

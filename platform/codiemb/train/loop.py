@@ -260,6 +260,7 @@ class TrainResult:
     data_counts: dict[str, dict] | None = None
     resumed_from: int | None = None
     grad_sync: str | None = None  # "DistributedDataParallel", or "none (one process)"
+    no_duplicates: dict[str, dict] | None = None  # sampler.swap_summary(): batches that needed a swap
 
 
 # --------------------------------------------------------------------------- helpers
@@ -656,6 +657,8 @@ def train(
         {t.name: len(t) for t in tasks}, {t.name: t.batch_size for t in tasks},
         world_size=ctx.world_size, policy=cfg.sampler.policy, temperature=cfg.sampler.temperature,
         epochs=cfg.train.epochs, seed=cfg.run.seed,
+        row_hashes={t.name: store_of(t, encoder, cfg).row_hashes for t in tasks
+                    if t.task == "retrieval" and cfg.sampler.no_duplicates},
     )
     total_steps = len(sampler) if cfg.train.max_steps is None else min(cfg.train.max_steps, len(sampler))
     accum = cfg.train.grad_accum
@@ -807,7 +810,12 @@ def train(
         samples_per_s=total_samples / max(wall, 1e-9), tokens_per_s=total_tokens / max(wall, 1e-9),
         wall_s=wall, final_losses=last_losses, dev=dev, data_counts=data_counts, resumed_from=resumed_from,
         grad_sync=type(ctx.model).__name__ if ctx.model is not None else "none (one process)",
+        no_duplicates=sampler.swap_summary() or None,
     )
+    if sampler.no_duplicates and ctx.is_main:
+        log.info("no-duplicates batches: %s", ", ".join(
+            f"{k}: {v['swapped']} of {v['batches']} batches needed a swap ({v['unresolved']} kept a duplicate)"
+            for k, v in sampler.swap_summary().items()))
     if ctx.is_main and finished:
         (out / "train_summary.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
     return result
