@@ -9,8 +9,8 @@ Records after validation:
 - ``retrieval``: ``{"query": str, "positives": [str, ...] (>= 1), "negatives": [str, ...],
   "instruction": str | None, "passage_instruction": str | None}`` (the query's and the passages'
   instruction prefixes). A string ``positive`` is accepted as ``positives: [it]``.
-- ``sts``: ``{"sentence1": str, "sentence2": str, "score": float, "instruction": str | None}``
-  (the prefix of both sentences) with the score inside the dataset's declared ``score_range``
+- ``sts``: ``{"sentence1": str, "sentence2": str, "score": float}`` (plus ``"instruction": str``,
+  the prefix of both sentences, when the row has one) with the score inside the dataset's declared ``score_range``
   (default ``(0, 5)``, STS-B), bounds included.
 
 Extra fields are ignored. A row that does not fit raises :class:`RowError` whose ``reason`` is
@@ -155,4 +155,8 @@ def _sts(row: dict, score_range: tuple[float, float]) -> dict:
     low, high = score_range
     if not low <= score <= high:
         raise RowError(f"score {score:g} is outside the range [{low:g}, {high:g}]")
-    return {"sentence1": s1, "sentence2": s2, "score": score, "instruction": _instruction(row)}
+    rec = {"sentence1": s1, "sentence2": s2, "score": score}
+    instruction = _instruction(row)
+    if instruction is not None:
+        rec["instruction"] = instruction
+    return rec
