@@ -40,6 +40,15 @@ class LoraConfig(Strict):
     target_modules: list[str] | None = None  # None: peft's default for the model type (BERT: query, value)
 
 
+class Instructions(Strict):
+    """The model's instruction prefixes, used in training where a dataset or row gives none, saved
+    with the model (sentence-transformers ``prompts``) and used by its evaluation."""
+
+    query: str | None = None  # retrieval queries
+    passage: str | None = None  # retrieval positives, negatives and corpus documents
+    sts: str | None = None  # both STS sentences
+
+
 class ModelConfig(Strict):
     name: str = "minilm"  # alias, local folder, s3:// (or any pyarrow filesystem URI) folder, or (network permitting) hub id
     pooling: Literal["mean", "cls", "last_token", "latent_attention"] | None = None  # None: the folder's own
@@ -48,6 +57,11 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None  # e.g. {r: 16, alpha: 32, target_modules: [query, key, value, dense]}
+    # decoder LLMs (model/decoder.py): EOS appended to every text (None: for last_token pooling when
+    # the tokenizer does not already), and bidirectional attention (None: the backbone config's own)
+    append_eos: bool | None = None
+    bidirectional: bool | None = None
+    instructions: Instructions = Instructions()  # None fields: the saved model's own prompts (if any)
 
 
 # --------------------------------------------------------------------------- data
@@ -59,7 +73,8 @@ class DatasetConfig(Strict):
     score_range: tuple[float, float] | None = None  # sts: required range, e.g. [0, 5]
     qrels: str = "train"  # beir folders: which qrels split yields training pairs
     batch_size: int = Field(32, gt=0)
-    instruction: str | None = None
+    instruction: str | None = None  # retrieval queries; sts: both sentences (a row's own wins)
+    passage_instruction: str | None = None  # retrieval positives and negatives (a row's own wins)
     max_rows: int | None = None
     negatives: int | None = Field(None, ge=0)  # retrieval: hard-negative slots per row (default loss.retrieval.negatives)
 

@@ -127,14 +127,14 @@ def test_parquet_rows_are_numbered_from_one(tmp_path):
 
 def test_retrieval_jsonl_gzip_and_positive_string(tmp_path):
     rows = [{"query": "q1", "positive": "p1", "negatives": ["n1", "n2"]},
-            {"query": "q2", "positives": ["p2", "p3"], "instruction": "Retrieve:"}]
+            {"query": "q2", "positives": ["p2", "p3"], "instruction": "Retrieve:", "passage_instruction": None}]
     path = tmp_path / "pairs.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as fh:
         fh.write("\n".join(json.dumps(r) for r in rows))  # no trailing newline on the last line
     res = read_records(path, "retrieval")
     assert res.records == [
-        {"query": "q1", "positives": ["p1"], "negatives": ["n1", "n2"], "instruction": None},
-        {"query": "q2", "positives": ["p2", "p3"], "negatives": [], "instruction": "Retrieve:"},
+        {"query": "q1", "positives": ["p1"], "negatives": ["n1", "n2"], "instruction": None, "passage_instruction": None},
+        {"query": "q2", "positives": ["p2", "p3"], "negatives": [], "instruction": "Retrieve:", "passage_instruction": None},
     ]
 
 
@@ -170,8 +170,8 @@ def test_beir_folder_yields_training_pairs_from_the_chosen_qrels(tmp_path):
     assert res.counts == {"read": 2, "valid": 2, "quarantined": 0}
     assert res.records == [
         {"query": "what causes rain", "positives": ["Rain Clouds release water.", "The sun is hot."], "negatives": [],
-         "instruction": None},
-        {"query": "why do cats sleep", "positives": ["Cats Cats sleep a lot."], "negatives": [], "instruction": None},
+         "instruction": None, "passage_instruction": None},
+        {"query": "why do cats sleep", "positives": ["Cats Cats sleep a lot."], "negatives": [], "instruction": None, "passage_instruction": None},
     ]
     dev = read_records(folder, "retrieval", qrels="dev")
     assert [r["query"] for r in dev.records] == ["why do cats sleep"]

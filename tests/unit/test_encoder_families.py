@@ -14,6 +14,12 @@ token, and mean with an instruction prefix left out of the pooling):
 
 RoBERTa and XLM-R use the MPNet-style WordPiece tokenizer built here (``<s> … </s>``, ``<pad>`` =
 1): the tokenizer kind is not what this checks; the models' position-id rule is.
+
+Decoders (issue 15 item 3): Llama, Qwen2 and Qwen3 from ``benchmarks/tiny_decoder.py`` (byte-level
+BPE, no pad token of its own: the encoder pads with EOS, on the right), causal and, for Qwen3,
+bidirectional (``config.is_causal = False``): the padded forward is exact for them too (rotary
+positions start at 0 for every text under right padding), and the loop takes it. They run in
+float64 (see ``_decoder``).
 """
 
 from __future__ import annotations
@@ -96,7 +102,27 @@ def _xlmr(tmp):
     return _roberta_like(tmp, XLMRobertaConfig, XLMRobertaModel)
 
 
-FAMILIES = {"bert": _bert, "mpnet": _mpnet, "roberta": _roberta, "xlm-roberta": _xlmr}
+def _decoder(family: str, bidirectional: bool = False):
+    def build(tmp):
+        import importlib.util
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parents[2] / "benchmarks" / "tiny_decoder.py"
+        spec = importlib.util.spec_from_file_location("tiny_decoder_bench", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model, tok = module.build(None, family, init=INIT)
+        model.config.is_causal = not bidirectional
+        # float64: the EOS/pad row of the embedding gathers gradient from every text, and its float32
+        # sums differ by ~5e-6 between batch shapes; in float64 any padding leak still shows, rounding does not
+        return model.double(), tok
+
+    return build
+
+
+FAMILIES = {"bert": _bert, "mpnet": _mpnet, "roberta": _roberta, "xlm-roberta": _xlmr,
+            "llama": _decoder("llama"), "qwen2": _decoder("qwen2"), "qwen3": _decoder("qwen3"),
+            "qwen3-bidirectional": _decoder("qwen3", bidirectional=True)}
 POOLINGS = [("mean", None), ("cls", None), ("last_token", None), ("mean", INSTRUCTION)]
 
 

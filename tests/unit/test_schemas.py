@@ -36,12 +36,22 @@ def test_sts_range_bounds_are_inclusive_and_declared_range_is_used():
 def test_retrieval_row_normalized():
     rec = validate_row("retrieval", {**IR_OK, "source": "x"})
     assert rec == {"query": "what causes rain", "positives": ["clouds release water"],
-                   "negatives": ["the sun is hot"], "instruction": None}
+                   "negatives": ["the sun is hot"], "instruction": None, "passage_instruction": None}
 
 
 def test_positive_string_form_becomes_a_one_item_list_and_negatives_default_empty():
     rec = validate_row("retrieval", {"query": "q", "positive": "p", "instruction": "Find the answer:"})
-    assert rec == {"query": "q", "positives": ["p"], "negatives": [], "instruction": "Find the answer:"}
+    assert rec == {"query": "q", "positives": ["p"], "negatives": [], "instruction": "Find the answer:",
+                   "passage_instruction": None}
+
+
+def test_passage_and_sts_instructions_per_row():
+    rec = validate_row("retrieval", {"query": "q", "positive": "p", "passage_instruction": "Passage: "})
+    assert rec["passage_instruction"] == "Passage: " and rec["instruction"] is None
+    assert validate_row("sts", {**STS_OK, "instruction": "Similar: "})["instruction"] == "Similar: "
+    assert "instruction" not in validate_row("sts", {**STS_OK, "instruction": "  "})  # blank: none
+    assert reason("retrieval", {**IR_OK, "passage_instruction": 3}) == "field 'passage_instruction' must be a string, got int"
+    assert reason("sts", {**STS_OK, "instruction": ["x"]}) == "field 'instruction' must be a string, got list"
 
 
 # --------------------------------------------------------------------------- bad rows

@@ -61,9 +61,10 @@ class ShardSpec:
     qrels: str = "train"
     score_range: tuple[float, float] | None = None
     max_rows: int | None = None
-    instruction: str | None = None
+    instruction: str | dict | None = None  # the query's (str), or {query, passage, sts} prefixes
     on_bad_rows: str = "fail"
     max_bad_fraction: float = 1.0
+    tokenizer_setup: dict | None = None  # load_tokenizer's pooling / append_eos (the model config's)
 
 
 @dataclass
@@ -132,10 +133,10 @@ class ShardBlockWriter:
     """Ray Data callable class: loads the tokenizer once per actor, then runs :func:`process_block`."""
 
     def __init__(self, model: str, task: str, max_length: dict, score_range, instruction, fs, root: str,
-                 file_index: dict[str, int]):
+                 file_index: dict[str, int], tokenizer_setup: dict | None = None):
         from codiemb.data.tokenize import load_tokenizer
 
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(model, **(tokenizer_setup or {}))
         self.task, self.max_length, self.score_range, self.instruction = task, max_length, score_range, instruction
         # the driver's filesystem object (endpoint, region; no keys: this process resolves its own)
         self.fs, self.root = fs, root
@@ -199,7 +200,7 @@ def _ray_results(spec: ShardSpec, fs, files: list[str], found: str, set_dir: str
     out = raw.map_batches(
         ShardBlockWriter, batch_size=None, batch_format="pyarrow",
         fn_constructor_args=(spec.model, spec.task, _lengths(spec), score_range, spec.instruction, sfs, sroot,
-                             file_index),
+                             file_index, spec.tokenizer_setup),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, concurrency)), num_cpus=1,
         udf_modifying_row_count=True)
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -222,7 +223,8 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
         [f"{root}/corpus.jsonl", f"{root}/queries.jsonl", f"{root}/qrels/{spec.qrels}.tsv"])]
     key = shard_key({"files": key_files, "task": spec.task, "fmt": found, "qrels": spec.qrels if found == "beir" else None,
                      "score_range": score_range, "max_rows": spec.max_rows, "instruction": spec.instruction,
-                     "tokenizer": tokenizer_fingerprint(spec.model), "max_length": _lengths(spec)})
+                     "tokenizer": tokenizer_fingerprint(spec.model), "max_length": _lengths(spec),
+                     **({"tokenizer_setup": spec.tokenizer_setup} if spec.tokenizer_setup else {})})
     set_uri = join(shards_root, key)
     sfs, set_dir = open_root(set_uri)
     if not rebuild and sfs.get_file_info(join(set_dir, MANIFEST)).type == pafs.FileType.File:
@@ -236,7 +238,7 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
 
     if sfs.type_name == "local" and os.path.isdir(set_dir):
         shutil.rmtree(set_dir)  # a partial earlier build (no manifest)
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = load_tokenizer(spec.model, **(spec.tokenizer_setup or {}))
     counts = {"read": 0, "valid": 0, "quarantined": 0}
     first_bad: BadRow | None = None
     entries: list[tuple[str, dict]] = []
@@ -329,11 +331,24 @@ def spec_for(cfg, ds) -> ShardSpec:
     from codiemb.paths import resolve_data_path
 
     ml = cfg.model.max_length
+    ins = dataset_instructions(cfg, ds)
+    setup = {k: v for k, v in (("pooling", cfg.model.pooling), ("append_eos", cfg.model.append_eos)) if v is not None}
     return ShardSpec(name=ds.name, path=resolve_data_path(ds.path, cfg.data.root), task=ds.task, model=cfg.model.name,
                      max_length={"query": ml.query, "passage": ml.passage, "sts": ml.sts}, fmt=ds.format,
                      qrels=ds.qrels, score_range=tuple(ds.score_range) if ds.score_range else (0.0, 5.0),
-                     max_rows=ds.max_rows, instruction=ds.instruction, on_bad_rows=cfg.data.on_bad_rows,
-                     max_bad_fraction=cfg.data.max_bad_fraction)
+                     max_rows=ds.max_rows, on_bad_rows=cfg.data.on_bad_rows,
+                     instruction=ins if any(ins.values()) else None,
+                     max_bad_fraction=cfg.data.max_bad_fraction, tokenizer_setup=setup or None)
+
+
+def dataset_instructions(cfg, ds) -> dict[str, str | None]:
+    """Dataset ``ds``'s instruction prefixes by kind: its own (``instruction`` for queries and STS
+    sentences, ``passage_instruction`` for passages), else the model's (``model.instructions``).
+    A row's own instruction wins over both (``shards.encode_rows``)."""
+    model = cfg.model.instructions
+    own = getattr(ds, "instruction", None)
+    return {"query": own or model.query, "passage": getattr(ds, "passage_instruction", None) or model.passage,
+            "sts": own or model.sts}
 
 
 def shards_root(cfg) -> str:

@@ -7,9 +7,11 @@ every path.
 Records after validation:
 
 - ``retrieval``: ``{"query": str, "positives": [str, ...] (>= 1), "negatives": [str, ...],
-  "instruction": str | None}``. A string ``positive`` is accepted as ``positives: [it]``.
-- ``sts``: ``{"sentence1": str, "sentence2": str, "score": float}`` with the score inside the
-  dataset's declared ``score_range`` (default ``(0, 5)``, STS-B), bounds included.
+  "instruction": str | None, "passage_instruction": str | None}`` (the query's and the passages'
+  instruction prefixes). A string ``positive`` is accepted as ``positives: [it]``.
+- ``sts``: ``{"sentence1": str, "sentence2": str, "score": float}`` (plus ``"instruction": str``,
+  the prefix of both sentences, when the row has one) with the score inside the dataset's declared ``score_range``
+  (default ``(0, 5)``, STS-B), bounds included.
 
 Extra fields are ignored. A row that does not fit raises :class:`RowError` whose ``reason`` is
 one short phrase (the readers prefix it with ``FILE:LINE:``).
@@ -123,12 +125,18 @@ def _retrieval(row: dict) -> dict:
     else:
         raise RowError("missing field 'positives' (or 'positive')")
     negatives = [] if row.get("negatives") is None else _text_list(row["negatives"], "negatives")
-    instruction = row.get("instruction")
-    if instruction is not None:
-        if not isinstance(instruction, str):
-            raise RowError(f"field 'instruction' must be a string, got {_type_name(instruction)}")
-        instruction = instruction if instruction.strip() else None
-    return {"query": query, "positives": positives, "negatives": negatives, "instruction": instruction}
+    return {"query": query, "positives": positives, "negatives": negatives, "instruction": _instruction(row),
+            "passage_instruction": _instruction(row, "passage_instruction")}
+
+
+def _instruction(row: dict, name: str = "instruction") -> str | None:
+    """An optional instruction prefix field: a string (blank means none)."""
+    value = row.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RowError(f"field '{name}' must be a string, got {_type_name(value)}")
+    return value if value.strip() else None
 
 
 def _sts(row: dict, score_range: tuple[float, float]) -> dict:
@@ -147,4 +155,8 @@ def _sts(row: dict, score_range: tuple[float, float]) -> dict:
     low, high = score_range
     if not low <= score <= high:
         raise RowError(f"score {score:g} is outside the range [{low:g}, {high:g}]")
-    return {"sentence1": s1, "sentence2": s2, "score": score}
+    rec = {"sentence1": s1, "sentence2": s2, "score": score}
+    instruction = _instruction(row)
+    if instruction is not None:
+        rec["instruction"] = instruction
+    return rec

@@ -12,10 +12,10 @@ Each shard holds numpy arrays, memory-mapped on read (MosaicML Streaming's shard
 memmap): every text's token ids live in ONE flat ``tokens`` int32 array, ``text_offsets`` (int64,
 texts + 1) cut it into texts, ``row_texts`` (int64, rows + 1) groups texts into rows:
 
-- retrieval row: ``[query, positive_1..positive_p, negative_1..negative_k]``; ``n_pos`` (int32) is
-  p, ``pool_start`` (int32) the query's first pooled position (positions before it hold the
-  instruction prefix and are left out of pooling, as ``Encoder.tokenize(instruction=...)``
+- every text: ``pool_start`` (int32, one per text) its first pooled position (positions before it
+  hold the instruction prefix and are left out of pooling, as ``Encoder.tokenize(instruction=...)``
   does; 0 without instruction);
+- retrieval row: ``[query, positive_1..positive_p, negative_1..negative_k]``; ``n_pos`` (int32) is p;
 - sts row: ``[sentence1, sentence2]`` and ``score`` (float64);
 - retrieval: ``text_hash`` (int64, one per text, aligned with ``text_offsets``): a 64-bit hash of
   the text's token ids (:func:`codiemb.data.hashing.ids_hashes`), computed in the build pass, so the
@@ -52,14 +52,14 @@ from codiemb.errors import DataError
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the arrays or their meaning change, so old shard sets are never misread.
-SHARD_FORMAT = 2  # 2: retrieval shards carry text_hash
+SHARD_FORMAT = 3  # 2: retrieval shards carry text_hash; 3: and pool_start per TEXT (passage and STS instructions)
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 ARRAYS = {
     "retrieval": {"tokens": np.int32, "text_offsets": np.int64, "row_texts": np.int64, "n_pos": np.int32,
                   "pool_start": np.int32, "file": np.int32, "line": np.int64, "text_hash": np.int64},
     "sts": {"tokens": np.int32, "text_offsets": np.int64, "row_texts": np.int64, "score": np.float64,
-            "file": np.int32, "line": np.int64},
+            "pool_start": np.int32, "file": np.int32, "line": np.int64},
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "added_tokens.json")
@@ -72,16 +72,16 @@ def _encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int
     return [list(x) for x in tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]]
 
 
-def _encode_queries(tokenizer, queries: list[str], instructions: list[str | None], max_length: int
-                    ) -> tuple[list[list[int]], list[int], list[int]]:
-    """Query ids and pool starts, exactly as ``Encoder.tokenize(texts, instruction=...)`` builds them:
-    ``instruction + query`` tokenized with right truncation; every position up to the instruction's
+def _encode_with_instructions(tokenizer, texts: list[str], instructions: list[str | None], max_length: int
+                              ) -> tuple[list[list[int]], list[int], list[int]]:
+    """Ids and pool starts, exactly as ``Encoder.tokenize(texts, instruction=...)`` builds them:
+    ``instruction + text`` tokenized with right truncation; every position up to the instruction's
     last token (leading special tokens included) is left out of pooling. Returns the indices of
-    queries the instruction leaves no room for (bad rows)."""
+    texts the instruction leaves no room for (bad rows)."""
     plain = [i for i, ins in enumerate(instructions) if not ins]
-    ids: list[list[int] | None] = [None] * len(queries)
-    starts = [0] * len(queries)
-    for i, x in zip(plain, _encode_texts(tokenizer, [queries[i] for i in plain], max_length)):
+    ids: list[list[int] | None] = [None] * len(texts)
+    starts = [0] * len(texts)
+    for i, x in zip(plain, _encode_texts(tokenizer, [texts[i] for i in plain], max_length)):
         ids[i] = x
     withi = [i for i, ins in enumerate(instructions) if ins]
     no_room: list[int] = []
@@ -91,7 +91,7 @@ def _encode_queries(tokenizer, queries: list[str], instructions: list[str | None
         side = tokenizer.truncation_side
         tokenizer.truncation_side = "right"
         try:
-            enc = tokenizer([instructions[i] + queries[i] for i in withi], truncation=True, max_length=max_length,
+            enc = tokenizer([instructions[i] + texts[i] for i in withi], truncation=True, max_length=max_length,
                             padding=False, return_offsets_mapping=True, return_special_tokens_mask=True)
         finally:
             tokenizer.truncation_side = side
@@ -101,18 +101,27 @@ def _encode_queries(tokenizer, queries: list[str], instructions: list[str | None
             offs = enc["offset_mapping"][k]
             content = [s == 0 for s in special]
             last_inst, has_text = -1, False
-            for pos, ((start, _), c) in enumerate(zip(offs, content)):
+            for pos, ((_, end), c) in enumerate(zip(offs, content)):
                 if not c:
                     continue
-                if start < n_ins:
+                if end <= n_ins:  # a token holding text after the instruction is text (Encoder.tokenize)
                     last_inst = pos
                 else:
                     has_text = True
-            if queries[i].strip() and not has_text:
+            if texts[i].strip() and not has_text:
                 no_room.append(i)
             ids[i] = list(enc["input_ids"][k])
             starts[i] = last_inst + 1
     return [x or [] for x in ids], starts, no_room
+
+
+def instruction_defaults(instruction: str | dict | None) -> dict[str, str | None]:
+    """A dataset's instruction prefixes by kind (``query``, ``passage``, ``sts``).
+
+    A string is the legacy form: the query's (and, for STS, both sentences') instruction."""
+    if isinstance(instruction, dict):
+        return {k: instruction.get(k) or None for k in ("query", "passage", "sts")}
+    return {"query": instruction or None, "passage": None, "sts": instruction or None}
 
 
 @dataclass
@@ -126,49 +135,66 @@ class Encoded:
 
 def encode_rows(tokenizer, task: str, records: Sequence[dict], max_length: dict[str, int],
                 files: Sequence[int] | None = None, lines: Sequence[int] | None = None,
-                instruction: str | None = None) -> Encoded:
+                instruction: str | dict | None = None) -> Encoded:
     """Tokenize validated ``records`` into one shard's arrays.
 
-    ``max_length`` holds ``query``, ``passage`` (retrieval) or ``sts``. ``instruction`` (the
-    dataset's) applies to every query whose row has none of its own.
+    ``max_length`` holds ``query``, ``passage`` (retrieval) or ``sts``. ``instruction`` holds the
+    dataset's prefixes (:func:`instruction_defaults`); a row's own ``instruction`` (its query, or
+    both STS sentences) and ``passage_instruction`` (its passages) win over them.
     """
     n = len(records)
     files = list(files) if files is not None else [0] * n
     lines = list(lines) if lines is not None else list(range(1, n + 1))
+    defaults = instruction_defaults(instruction)
     rejected: list[tuple[int, str]] = []
+    bad: set[int] = set()
     if task == "retrieval":
-        q_ids, pool, no_room = _encode_queries(
+        q_ids, q_start, no_room = _encode_with_instructions(
             tokenizer, [r["query"] for r in records],
-            [r.get("instruction") or instruction for r in records], int(max_length["query"]))
+            [r.get("instruction") or defaults["query"] for r in records], int(max_length["query"]))
         for i in no_room:
             rejected.append((i, f"instruction leaves no room for the query within max_length.query={max_length['query']}"))
+        bad.update(no_room)
+        owner = [i for i, r in enumerate(records) for _ in list(r["positives"]) + list(r.get("negatives") or [])]
         flat = [t for r in records for t in list(r["positives"]) + list(r.get("negatives") or [])]
-        p_ids = _encode_texts(tokenizer, flat, int(max_length["passage"]))
+        p_ids, p_start, p_no_room = _encode_with_instructions(
+            tokenizer, flat, [records[i].get("passage_instruction") or defaults["passage"] for i in owner],
+            int(max_length["passage"]))
+        for i in sorted({owner[j] for j in p_no_room} - bad):
+            rejected.append((i, f"passage instruction leaves no room for a passage within "
+                                f"max_length.passage={max_length['passage']}"))
+            bad.add(i)
         texts: list[list[int]] = []
+        starts: list[int] = []
         row_texts, n_pos, keep = [0], [], []
         k = 0
-        bad = set(no_room)
         for i, r in enumerate(records):
             count = len(r["positives"]) + len(r.get("negatives") or [])
             if i not in bad:
                 texts.append(q_ids[i])
                 texts += p_ids[k: k + count]
+                starts.append(q_start[i])
+                starts += p_start[k: k + count]
                 row_texts.append(len(texts))
                 n_pos.append(len(r["positives"]))
                 keep.append(i)
             k += count
         from codiemb.data.hashing import ids_hashes
 
-        extra = {"n_pos": np.asarray(n_pos, np.int32), "pool_start": np.asarray([pool[i] for i in keep], np.int32),
-                 "text_hash": ids_hashes(texts)}
+        extra = {"n_pos": np.asarray(n_pos, np.int32), "text_hash": ids_hashes(texts)}
     elif task == "sts":
         limit = int(max_length["sts"])
-        a = _encode_texts(tokenizer, [r["sentence1"] for r in records], limit)
-        b = _encode_texts(tokenizer, [r["sentence2"] for r in records], limit)
-        texts = [t for pair in zip(a, b) for t in pair]
-        row_texts = list(range(0, 2 * n + 1, 2))
-        keep = list(range(n))
-        extra = {"score": np.asarray([float(r["score"]) for r in records], np.float64)}
+        ins = [r.get("instruction") or defaults["sts"] for r in records]
+        a, a_start, a_bad = _encode_with_instructions(tokenizer, [r["sentence1"] for r in records], ins, limit)
+        b, b_start, b_bad = _encode_with_instructions(tokenizer, [r["sentence2"] for r in records], ins, limit)
+        for i in sorted(set(a_bad) | set(b_bad)):
+            rejected.append((i, f"instruction leaves no room for the sentence within max_length.sts={limit}"))
+            bad.add(i)
+        keep = [i for i in range(n) if i not in bad]
+        texts = [t for i in keep for t in (a[i], b[i])]
+        starts = [s for i in keep for s in (a_start[i], b_start[i])]
+        row_texts = list(range(0, 2 * len(keep) + 1, 2))
+        extra = {"score": np.asarray([float(records[i]["score"]) for i in keep], np.float64)}
     else:
         raise ValueError(f"unknown task {task!r}")
     lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
@@ -176,6 +202,7 @@ def encode_rows(tokenizer, task: str, records: Sequence[dict], max_length: dict[
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.fromiter((x for t in texts for x in t), dtype=np.int32, count=int(offsets[-1]))
     arrays = {"tokens": tokens, "text_offsets": offsets, "row_texts": np.asarray(row_texts, np.int64),
+              "pool_start": np.asarray(starts, np.int32),
               "file": np.asarray([files[i] for i in keep], np.int32),
               "line": np.asarray([lines[i] for i in keep], np.int64), **extra}
     return Encoded(arrays, len(keep), rejected)
@@ -192,6 +219,8 @@ def shard_stats(task: str, arrays: dict[str, np.ndarray]) -> dict[str, int]:
         out.update(min_positives=int(arrays["n_pos"].min()), max_positives=int(arrays["n_pos"].max()),
                    min_negatives=int(neg.min()), max_negatives=int(neg.max()),
                    with_instruction=int((arrays["pool_start"] > 0).sum()))
+    elif task == "sts" and rows:
+        out["with_instruction"] = int((arrays["pool_start"] > 0).sum())
     return out
 
 
@@ -204,6 +233,8 @@ def merge_stats(task: str, parts: Iterable[dict]) -> dict[str, int]:
             for k, f in (("min_positives", min), ("max_positives", max), ("min_negatives", min),
                          ("max_negatives", max)):
                 total[k] = f(total[k], s[k]) if k in total else s[k]
+            total["with_instruction"] = total.get("with_instruction", 0) + s["with_instruction"]
+        elif s.get("with_instruction"):
             total["with_instruction"] = total.get("with_instruction", 0) + s["with_instruction"]
     return total
 
@@ -401,12 +432,18 @@ class ShardStore:
         tok = a["tokens"]
         return [tok[int(off[t]): int(off[t + 1])] for t in range(hi - lo)]
 
+    def pool_starts(self, i: int) -> list[int]:
+        """Row i's first pooled position of every text (``texts(i)``'s order; > 0 after an instruction)."""
+        a, j = self._locate(i)
+        return [int(x) for x in a["pool_start"][int(a["row_texts"][j]): int(a["row_texts"][j + 1])]]
+
     def retrieval_row(self, i: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], int]:
-        """(query ids, positives' ids, negatives' ids, pool start) of retrieval row i."""
+        """(query ids, positives' ids, negatives' ids, the query's pool start) of retrieval row i
+        (the passages' pool starts: :meth:`pool_starts`)."""
         a, j = self._locate(i)
         texts = self.texts(i)
         p = int(a["n_pos"][j])
-        return texts[0], texts[1: 1 + p], texts[1 + p:], int(a["pool_start"][j])
+        return texts[0], texts[1: 1 + p], texts[1 + p:], int(a["pool_start"][int(a["row_texts"][j])])
 
     def sts_row(self, i: int) -> tuple[np.ndarray, np.ndarray, float]:
         a, j = self._locate(i)

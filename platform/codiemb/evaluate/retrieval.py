@@ -56,7 +56,8 @@ def rank_documents(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_ids: Sequ
 
 def evaluate_retrieval(encoder, split, batch_size: int = 64, query_max_length: int | None = None,
                        doc_max_length: int | None = None, k_values: Sequence[int] = (10, 100), *,
-                       query_instruction: str | None = None, ignore_identical_ids: bool = False,
+                       query_instruction: str | None = None, doc_instruction: str | None = None,
+                       ignore_identical_ids: bool = False,
                        show_progress: bool = False, index: str = "faiss", storage: str = "float32",
                        chunk_size: int = 16384, use_ray: bool = False, ray_options: dict | None = None,
                        ctx=None) -> dict:
@@ -64,7 +65,8 @@ def evaluate_retrieval(encoder, split, batch_size: int = 64, query_max_length: i
 
     Returns ``{"ndcg@k", "mrr@k", "recall@k" for every k in k_values (× 100), "n_queries", "n_docs",
     "seconds"}``; with the default k_values that includes ndcg@10, mrr@10 and recall@100.
-    Max lengths default to the model's ``max_seq_length``.
+    Max lengths default to the model's ``max_seq_length``. ``query_instruction`` /
+    ``doc_instruction`` default to the model's own (``encoder.instructions``: query, passage).
 
     ``index``: ``"faiss"`` (exact ``IndexFlatIP``) or ``"torch"`` (chunked exact top-k);
     ``storage``: ``"float32"`` or ``"float16"`` (half the memory; scores of the rounded vectors).
@@ -75,6 +77,9 @@ def evaluate_retrieval(encoder, split, batch_size: int = 64, query_max_length: i
     t0 = time.perf_counter()
     k_values = sorted({int(k) for k in k_values})
     rank, size = world(ctx)
+    saved = getattr(encoder, "instructions", {})  # the model's own (trained with, saved with it)
+    query_instruction = query_instruction or saved.get("query")
+    doc_instruction = doc_instruction or saved.get("passage")
     if use_ray and size > 1:
         raise ValueError("use_ray and a distributed ctx are two ways to spread the work: pick one")
     query_ids = list(split.qrels)
@@ -89,10 +94,14 @@ def evaluate_retrieval(encoder, split, batch_size: int = 64, query_max_length: i
 
         if not split.folder:
             raise ValueError("use_ray needs a split read from a BEIR folder (its corpus.jsonl)")
+        if doc_instruction != saved.get("passage"):  # the actors apply the model's own
+            raise ValueError("use_ray embeds documents with the model's own passage instruction; "
+                             f"{doc_instruction!r} differs from it")
         batches = embed_corpus(encoder, split.corpus_path, batch_size=batch_size, max_length=doc_max_length,
                                **(ray_options or {}))
     else:
-        batches = ((ids, encode_texts(encoder, texts, batch_size=batch_size, max_length=doc_max_length, ctx=ctx))
+        batches = ((ids, encode_texts(encoder, texts, batch_size=batch_size, max_length=doc_max_length,
+                                      instruction=doc_instruction, ctx=ctx))
                    for ids, texts in split.iter_corpus(chunk_size))
     n_docs = 0
     progress = None

@@ -60,6 +60,7 @@ class EmbedBatches:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = self.encoder.encode(list(batch["text"]), batch_size=self.batch_size, max_length=self.max_length,
+                                  instruction=self.encoder.instructions.get("passage"),  # the model's own
                                   normalize=True)
         return {"_id": batch["_id"], "emb": emb.numpy().astype(np.float32, copy=False)}
 

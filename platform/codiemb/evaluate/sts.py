@@ -47,12 +47,14 @@ def _check_pair(row, where: str) -> dict:
 
 
 def evaluate_sts(encoder, pairs: str | os.PathLike | Iterable[dict], batch_size: int = 64,
-                 max_length: int | None = None, show_progress: bool = False, ctx=None) -> dict:
+                 max_length: int | None = None, show_progress: bool = False, ctx=None,
+                 instruction: str | None = None) -> dict:
     """Score ``encoder`` on STS pairs (a JSONL path or records).
 
     Each distinct sentence is embedded once (at ``max_length``, default the model's
     ``max_seq_length``), L2-normalised; the prediction is the cosine of the two sentences.
     Returns ``{"spearman": ρ×100, "pearson": r×100, "n": pairs, "seconds": wall time}``.
+    ``instruction`` (default: the model's own ``sts`` one) prefixes both sentences.
     ``ctx`` (rank / world_size / device): the ranks of a torch.distributed group share the
     embedding (``codiemb.evaluate.distributed.encode_texts``); every rank gets the same result.
     """
@@ -67,8 +69,9 @@ def evaluate_sts(encoder, pairs: str | os.PathLike | Iterable[dict], batch_size:
             raise DataError(f"needs at least 2 STS pairs, got {len(records)}")
     texts = list(dict.fromkeys(s for r in records for s in (r["sentence1"], r["sentence2"])))
     index = {t: i for i, t in enumerate(texts)}
+    instruction = instruction or getattr(encoder, "instructions", {}).get("sts")
     emb = encode_texts(encoder, texts, batch_size=batch_size, max_length=max_length, ctx=ctx,
-                       show_progress=show_progress)
+                       show_progress=show_progress, instruction=instruction)
     emb = torch.as_tensor(emb, dtype=torch.float32)
     a = emb[[index[r["sentence1"]] for r in records]]
     b = emb[[index[r["sentence2"]] for r in records]]

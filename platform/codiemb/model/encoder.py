@@ -18,6 +18,17 @@ Latent-attention pooling (NV-Embed) has weights; it is written as its own module
 sentence-transformers cannot load such a folder (the module is not an ST module).
 
 A plain HF folder (no modules.json) loads with mean pooling and normalisation on.
+
+Decoder LLMs (Llama / Qwen style, ``codiemb.model.decoder``): the tokenizer gets a pad token when
+it has none, EOS appended to every text for last-token pooling (in its post-processor, so the
+saved ``tokenizer.json`` does the same under sentence-transformers) and right padding;
+``bidirectional`` sets the backbone config's ``is_causal: false``, saved in ``config.json``.
+
+Instructions: ``instructions`` maps ``query`` / ``passage`` / ``sts`` to the model's instruction
+prefixes (the ones it was trained with; evaluation uses them). They are saved as
+sentence-transformers ``prompts`` (``query``, ``document``, ``sts``), so
+``SentenceTransformer(path).encode(texts, prompt_name="query")`` embeds as
+``encoder.encode(texts, instruction=encoder.instructions["query"])``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from codiemb.errors import ModelError
+from codiemb.model.decoder import is_causal_backbone, prepare_tokenizer, set_bidirectional
 from codiemb.model.pooling import POOLING_KINDS, LatentAttentionPooling, pool
 
 logger = logging.getLogger(__name__)
@@ -41,6 +53,9 @@ logger = logging.getLogger(__name__)
 LATENT_MODULE_TYPE = "codiemb.model.pooling.LatentAttentionPooling"
 LATENT_MODULE_DIR = "1_LatentAttentionPooling"
 _DEFAULT_MAX_SEQ_LENGTH = 512
+INSTRUCTION_KINDS = ("query", "passage", "sts")
+# our instruction kinds -> sentence-transformers prompt names (encode_document reads "document")
+_ST_PROMPT_NAMES = {"query": "query", "passage": "document", "sts": "sts"}
 
 # sentence-transformers pooling names (new ``pooling_mode`` values and legacy ``pooling_mode_*`` keys) -> ours
 _ST_POOLING = {"mean": "mean", "cls": "cls", "lasttoken": "last_token"}
@@ -73,18 +88,31 @@ class Encoder(nn.Module):
     """HF backbone + pooling. ``forward`` returns un-normalised embeddings; ``encode`` is for inference.
 
     Attributes: ``backbone``, ``tokenizer``, ``pooling`` ("mean" | "cls" | "last_token" |
-    "latent_attention"), ``normalize``, ``max_seq_length``, ``dim``, ``num_layers``, and
-    ``latent_pooling`` (the ``LatentAttentionPooling`` module, or None).
+    "latent_attention"), ``normalize``, ``max_seq_length``, ``dim``, ``num_layers``,
+    ``latent_pooling`` (the ``LatentAttentionPooling`` module, or None), ``instructions``
+    (``{"query"|"passage"|"sts": prefix}``, only those set) and ``is_decoder`` (causal backbone).
+
+    The tokenizer is prepared in place (``decoder.prepare_tokenizer``: pad token, EOS for
+    last-token pooling per ``append_eos``, right padding); ``bidirectional`` (None: as the
+    backbone's config says) switches a decoder's attention.
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, *, pooling: str = "mean", normalize: bool = True,
                  max_seq_length: int = _DEFAULT_MAX_SEQ_LENGTH, latent_pooling: LatentAttentionPooling | None = None,
-                 name_or_path: str = "") -> None:
+                 name_or_path: str = "", instructions: dict[str, str | None] | None = None,
+                 append_eos: bool | None = None, bidirectional: bool | None = None) -> None:
         super().__init__()
         if pooling not in POOLING_KINDS:
             raise ModelError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLING_KINDS)}")
+        unknown = sorted(set(instructions or {}) - set(INSTRUCTION_KINDS))
+        if unknown:
+            raise ModelError(f"unknown instruction kind(s) {unknown}; choose from {', '.join(INSTRUCTION_KINDS)}")
+        self.instructions = {k: v for k, v in (instructions or {}).items() if v}
+        self.is_decoder = is_causal_backbone(backbone)
+        if bidirectional is not None:
+            set_bidirectional(backbone, bidirectional)
         self.backbone = backbone
-        self.tokenizer = tokenizer
+        self.tokenizer = prepare_tokenizer(tokenizer, pooling=pooling, append_eos=append_eos, decoder=self.is_decoder)
         self.pooling = pooling
         self.normalize = bool(normalize)
         self.max_seq_length = int(max_seq_length)
@@ -100,10 +128,13 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
-             trust_remote_code: bool = False, device=None) -> "Encoder":
+             trust_remote_code: bool = False, device=None, instructions: dict[str, str | None] | None = None,
+             append_eos: bool | None = None, bidirectional: bool | None = None) -> "Encoder":
         """Load a sentence-transformers folder or a plain HF folder (``name_or_path`` may be an alias).
 
-        ``pooling`` / ``normalize`` override what the folder says. Problems raise ``ModelError``.
+        ``pooling`` / ``normalize`` override what the folder says; ``instructions`` override the
+        folder's saved prompts kind by kind (a kind given as None keeps the folder's);
+        ``append_eos`` / ``bidirectional``: see the class. Problems raise ``ModelError``.
         """
         from transformers import AutoModel, AutoTokenizer
 
@@ -136,9 +167,12 @@ class Encoder(nn.Module):
         latent = None
         if kind == "latent_attention" and spec["latent_dir"] is not None:
             latent = cls._load_latent(spec["latent_dir"])
+        merged = dict(spec["instructions"])
+        merged.update({k: v for k, v in (instructions or {}).items() if v is not None})
         enc = cls(backbone, tokenizer, pooling=kind,
                   normalize=spec["normalize"] if normalize is None else normalize,
-                  max_seq_length=max_len, latent_pooling=latent, name_or_path=str(name_or_path))
+                  max_seq_length=max_len, latent_pooling=latent, name_or_path=str(name_or_path),
+                  instructions=merged, append_eos=append_eos, bidirectional=bidirectional)
         if device is not None:
             enc.to(device)
         logger.info("loaded %s: pooling=%s normalize=%s max_seq_length=%d dim=%d layers=%d",
@@ -149,10 +183,14 @@ class Encoder(nn.Module):
     def _read_st_layout(root: Path) -> dict:
         """Parse modules.json (if any) into transformer folder, pooling, normalize, max_seq_length."""
         spec = {"transformer_dir": root, "pooling": "mean", "normalize": True, "max_seq_length": None,
-                "latent_dir": None}
+                "latent_dir": None, "instructions": {}}
         modules_path = root / "modules.json"
         if not modules_path.is_file():
             return spec  # plain HF folder
+        st_cfg = root / "config_sentence_transformers.json"
+        if st_cfg.is_file():
+            prompts = _read_json(st_cfg).get("prompts") or {}
+            spec["instructions"] = {k: prompts[name] for k, name in _ST_PROMPT_NAMES.items() if prompts.get(name)}
         modules = _read_json(modules_path)
         if not isinstance(modules, list):
             raise ModelError(f"{modules_path}: expected a list of modules")
@@ -236,10 +274,12 @@ class Encoder(nn.Module):
         finally:
             self.tokenizer.truncation_side = side
         attn = enc["attention_mask"]
-        starts = enc["offset_mapping"][..., 0]
+        # a token is text when it holds any character after the instruction (byte-level BPE glues
+        # the instruction's trailing space to the first word: that token is text)
+        ends = enc["offset_mapping"][..., 1]
         content = (enc["special_tokens_mask"] == 0) & attn.bool()
-        is_inst = content & (starts < len(instruction))
-        has_text = (content & (starts >= len(instruction))).any(dim=1)
+        is_inst = content & (ends <= len(instruction))
+        has_text = (content & (ends > len(instruction))).any(dim=1)
         if any(t.strip() and not ok for t, ok in zip(texts, has_text.tolist())):
             raise ValueError(f"instruction {instruction!r} leaves no room for text within max_length={max_length}")
         positions = torch.arange(attn.size(1)).expand_as(attn)
@@ -353,6 +393,8 @@ class Encoder(nn.Module):
                 for key in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
                             "weightedmean_tokens", "lasttoken"):
                     pool_cfg[f"pooling_mode_{key}"] = key == st_mode
+                # mean pooling leaves the instruction out (pool_mask); cls / last token read the attention mask
+                pool_cfg["include_prompt"] = self.pooling != "mean"
                 (tmp / "1_Pooling").mkdir()
                 _write_json(tmp / "1_Pooling" / "config.json", pool_cfg)
                 modules.append({"idx": 1, "name": "1", "path": "1_Pooling",
@@ -376,7 +418,8 @@ class Encoder(nn.Module):
                                 "transformers": _v("transformers"), "pytorch": torch.__version__,
                                 "codiemb": _v("codiemb")},
                 "model_type": "SentenceTransformer",
-                "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
+                "prompts": {_ST_PROMPT_NAMES[k]: v for k, v in self.instructions.items()},
+                "default_prompt_name": None, "similarity_fn_name": "cosine",
             })
             _replace_dir(tmp, path)
         except BaseException:

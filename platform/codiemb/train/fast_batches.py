@@ -55,13 +55,19 @@ class RetrievalPick:
 
     ``passages`` holds only the texts that exist, in row-major slot order; ``slots`` (B, m+n) says
     which slots they fill (a row with fewer negatives than n leaves slots empty: padded and
-    masked out of the loss, never dropped). ``pool_starts``: each query's first pooled position.
+    masked out of the loss, never dropped). ``pool_starts``: each query's first pooled position;
+    ``passage_pool_starts``: each passage's (both > 0 after an instruction prefix).
     """
 
     queries: list[np.ndarray]
     passages: list[np.ndarray]
     slots: np.ndarray  # (B, m+n) bool
     pool_starts: list[int]
+    passage_pool_starts: list[int] = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.passage_pool_starts is None:
+            self.passage_pool_starts = [0] * len(self.passages)
 
     @property
     def full(self) -> bool:
@@ -71,7 +77,7 @@ class RetrievalPick:
 def pick_retrieval(store, idx: list[int], m: int, n: int, rng: random.Random) -> RetrievalPick:
     """Rows ``idx`` of ``store``: their queries, up to m positives and up to n negatives each,
     chosen with ``rng`` (row by row, positives then negatives: the loop's order on every path)."""
-    queries, passages, starts = [], [], []
+    queries, passages, starts, p_starts = [], [], [], []
     slots = np.zeros((len(idx), m + n), dtype=bool)
     for b, i in enumerate(idx):
         q, pos, neg, start = store.retrieval_row(int(i))
@@ -80,9 +86,14 @@ def pick_retrieval(store, idx: list[int], m: int, n: int, rng: random.Random) ->
         chosen_p = _pick_indices(len(pos), m, rng)
         chosen_n = _pick_indices(len(neg), n, rng)
         passages += [pos[j] for j in chosen_p] + [neg[j] for j in chosen_n]
+        if store.stats.get("with_instruction", 0):  # texts 1..p are positives, then negatives
+            row = store.pool_starts(int(i))
+            p_starts += [row[1 + j] for j in chosen_p] + [row[1 + len(pos) + j] for j in chosen_n]
+        else:
+            p_starts += [0] * (len(chosen_p) + len(chosen_n))
         slots[b, : len(chosen_p)] = True
         slots[b, m: m + len(chosen_n)] = True
-    return RetrievalPick(queries, passages, slots, starts)
+    return RetrievalPick(queries, passages, slots, starts, p_starts)
 
 
 def with_pool_mask(features: dict[str, torch.Tensor], pool_starts: list[int]) -> dict[str, torch.Tensor]:
@@ -138,7 +149,8 @@ class PretokenizedRetrieval:
     def batch(self, idx: list[int], rng: random.Random | None = None) -> tuple[dict, dict]:
         """Padded query and passage features for rows ``idx`` (passages: the filled slots, row-major)."""
         pk = self.pick(idx, rng)
-        return with_pool_mask(pad_ids(pk.queries, self.pad_id), pk.pool_starts), pad_ids(pk.passages, self.pad_id)
+        return (with_pool_mask(pad_ids(pk.queries, self.pad_id), pk.pool_starts),
+                with_pool_mask(pad_ids(pk.passages, self.pad_id), pk.passage_pool_starts))
 
     def row_length(self, i: int) -> int:
         """Tokens of row i (query + its first passages): the key for length bucketing."""

@@ -61,7 +61,7 @@ class TaskData:
     records: list[dict] | None = None
     batch_size: int = 32
     score_range: tuple[float, float] = (0.0, 5.0)
-    instruction: str | None = None
+    instruction: str | dict | None = None  # the query's, or {query, passage, sts} (data.build.dataset_instructions)
     num_positives: int = 1
     num_negatives: int = 0
     store: Any = None  # codiemb.data.shards.ShardStore (at most the dataset's max_rows rows: part of its key)
@@ -122,9 +122,19 @@ def make_task_data(cfg: Config, ds, records: list[dict] | None = None, score_ran
                      ds.name, n, want_n)
     if score_range is None:
         score_range = tuple(ds.score_range) if ds.score_range else (0.0, 5.0)
+    from codiemb.data.build import dataset_instructions
+
+    ins = dataset_instructions(cfg, ds)
     return TaskData(name=ds.name, task=ds.task, records=records, batch_size=ds.batch_size,
-                    score_range=tuple(score_range), instruction=ds.instruction, num_positives=max(m, 1),
-                    num_negatives=n, store=store)
+                    score_range=tuple(score_range), instruction=ins if any(ins.values()) else None,
+                    num_positives=max(m, 1), num_negatives=n, store=store)
+
+
+def model_options(cfg: Config) -> dict:
+    """``Encoder.load`` keywords of ``cfg.model`` beyond name/pooling/normalize: the model's
+    instructions (saved with it, used by evaluation), EOS appending and bidirectional attention."""
+    m = cfg.model
+    return {"instructions": m.instructions.model_dump(), "append_eos": m.append_eos, "bidirectional": m.bidirectional}
 
 
 def store_of(td: TaskData, encoder, cfg: Config):
@@ -142,7 +152,7 @@ def store_of(td: TaskData, encoder, cfg: Config):
     t0 = time.perf_counter()
     store = ShardStore.from_records(encoder.tokenizer, td.task, td.records or [],
                                     {"query": ml.query, "passage": ml.passage, "sts": ml.sts},
-                                    instruction=td.instruction)
+                                    instruction=td.instruction)  # str or {query, passage, sts} (make_task_data)
     td.cache["store"] = (key, store, encoder.tokenizer)
     log.info("dataset %s: %d in-memory rows tokenized once in %.2f s", td.name, len(store), time.perf_counter() - t0)
     return store
@@ -363,7 +373,7 @@ def unpadded_unsupported(cfg: Config, encoder, td: TaskData | None = None) -> st
         if "has_instruction" not in td.cache:
             td.cache["has_instruction"] = bool(td.instruction) or (
                 td.store.stats.get("with_instruction", 0) > 0 if td.store is not None
-                else any(r.get("instruction") for r in td.records or []))
+                else any(r.get("instruction") or r.get("passage_instruction") for r in td.records or []))
         if td.cache["has_instruction"]:
             return (f"dataset {td.name!r} has an instruction prefix (pooling skips it through "
                     "Encoder.tokenize's pool_mask, a padded-path feature)")
@@ -507,7 +517,7 @@ def retrieval_loss(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, 
         q, found, tokens = _unpadded_embeddings(encoder, pick, td, cfg, ctx)
     else:
         qf = with_pool_mask(pad_ids(pick.queries, store.pad_id), pick.pool_starts)
-        pf = pad_ids(pick.passages, store.pad_id)
+        pf = with_pool_mask(pad_ids(pick.passages, store.pad_id), pick.passage_pool_starts)
         tokens = int(qf["attention_mask"].sum() + pf["attention_mask"].sum())
         qf = {k: v.to(ctx.device) for k, v in qf.items()}
         pf = {k: v.to(ctx.device) for k, v in pf.items()}
@@ -544,13 +554,16 @@ def sts_loss_step(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, c
                   idx: list[int] | None = None):
     """The STS composite for one batch: rows ``idx`` of ``td``'s store (or in-memory ``rows``)."""
     from codiemb.losses.sts import sts_loss
-    from codiemb.train.fast_batches import pad_ids
+    from codiemb.train.fast_batches import pad_ids, with_pool_mask
 
     w = cfg.loss.sts
     store, ids = _rows_store(encoder, rows, td, cfg, idx)
     pairs = [store.sts_row(i) for i in ids]
     b = len(pairs)
     feats = pad_ids([p[0] for p in pairs] + [p[1] for p in pairs], store.pad_id)
+    if store.stats.get("with_instruction", 0):  # instruction prefixes: left out of mean pooling
+        starts = [store.pool_starts(i) for i in ids]
+        feats = with_pool_mask(feats, [s[0] for s in starts] + [s[1] for s in starts])
     feats = {k: v.to(ctx.device) for k, v in feats.items()}
     layers = None
     if w.mid_nce:
@@ -634,7 +647,8 @@ def train(
     by_name = {t.name: t for t in tasks}
 
     encoder = Encoder.load(cfg.model.name, pooling=cfg.model.pooling, normalize=cfg.model.normalize,
-                           trust_remote_code=cfg.model.trust_remote_code, device=ctx.device)
+                           trust_remote_code=cfg.model.trust_remote_code, device=ctx.device,
+                           **model_options(cfg))
     if cfg.model.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
     memory.prepare_encoder(encoder, cfg)  # model.lora, train.param_dtype
