@@ -47,7 +47,7 @@ def _check_pair(row, where: str) -> dict:
 
 
 def evaluate_sts(encoder, pairs: str | os.PathLike | Iterable[dict], batch_size: int = 64,
-                 max_length: int | None = None, show_progress: bool = False, ctx=None) -> dict:
+                 max_length: int | None = None, show_progress: bool = False, ctx=None, progress=None) -> dict:
     """Score ``encoder`` on STS pairs (a JSONL path or records).
 
     Each distinct sentence is embedded once (at ``max_length``, default the model's
@@ -55,6 +55,7 @@ def evaluate_sts(encoder, pairs: str | os.PathLike | Iterable[dict], batch_size:
     Returns ``{"spearman": ρ×100, "pearson": r×100, "n": pairs, "seconds": wall time}``.
     ``ctx`` (rank / world_size / device): the ranks of a torch.distributed group share the
     embedding (``codiemb.evaluate.distributed.encode_texts``); every rank gets the same result.
+    ``progress``: a tqdm-like bar moved by the number of sentences embedded.
     """
     from codiemb.evaluate.distributed import encode_texts
 
@@ -68,7 +69,7 @@ def evaluate_sts(encoder, pairs: str | os.PathLike | Iterable[dict], batch_size:
     texts = list(dict.fromkeys(s for r in records for s in (r["sentence1"], r["sentence2"])))
     index = {t: i for i, t in enumerate(texts)}
     emb = encode_texts(encoder, texts, batch_size=batch_size, max_length=max_length, ctx=ctx,
-                       show_progress=show_progress)
+                       show_progress=show_progress, progress=progress)
     emb = torch.as_tensor(emb, dtype=torch.float32)
     a = emb[[index[r["sentence1"]] for r in records]]
     b = emb[[index[r["sentence2"]] for r in records]]
