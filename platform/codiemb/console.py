@@ -12,7 +12,7 @@ How: :func:`routed` points file descriptors 1 and 2 at the log file (so C-level 
 duplicate of the original stderr as the terminal. Stage bars (:func:`stage`) and a logging handler
 for warnings write to that terminal. When the terminal is not a TTY (``ray job submit`` logs in the
 dashboard, a pipe), a stage prints whole lines — at most one every ``CODIEMB_PROGRESS_INTERVAL``
-seconds (default 30) and one when it ends — instead of redrawing with carriage returns.
+seconds (default 60) and one when it ends — instead of redrawing with carriage returns.
 
 Library code calls :func:`stage` unconditionally: outside :func:`routed` (library use, tests,
 verbose) it returns a disabled bar whose methods do nothing. ``CODIEMB_NO_PROGRESS=1`` disables the
@@ -125,7 +125,7 @@ def stage(name: str, total: float | None = None, unit: str = "it", **kwargs):
         return tqdm(total=total, disable=True)
     desc = f"{name:<16}"
     if not _isatty(_terminal):
-        interval = float(os.environ.get("CODIEMB_PROGRESS_INTERVAL", "30"))
+        interval = float(os.environ.get("CODIEMB_PROGRESS_INTERVAL", "60"))
         return _LineBar(desc, total, unit, _terminal, interval)
     return tqdm(total=total, desc=desc, unit=unit, file=_terminal, dynamic_ncols=True, leave=True,
                 mininterval=0.5, **kwargs)

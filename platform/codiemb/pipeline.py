@@ -89,7 +89,10 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
             if cfg.pipeline.specialists:
                 for name, overrides in cfg.pipeline.specialists.items():
                     scfg = specialist_config(cfg, name, overrides)
+                    t1 = time.perf_counter()
                     result, _ = train_tracked(scfg, local=local, resume=resume, nested=True, log_model=False)
+                    log.info("specialist %s: %.1f s (data + training %.1f s of it in the loop)", name,
+                             time.perf_counter() - t1, result.wall_s)
                     models[name] = result.model_dir
                     log.info("specialist %s: %s", name, result.model_dir)
             else:
@@ -152,6 +155,7 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
             nonlocal evaluation
             t0 = time.perf_counter()
             evaluation = run_eval(report_suite, "test")
+            log.info("evaluate test: %.1f s", time.perf_counter() - t0)
             summary = {k: float(v) for k, v in evaluation["summary"].items() if isinstance(v, (int, float))}
             parent.log_metrics({f"eval/{k}": v for k, v in summary.items()})
             table = markdown_table(evaluation)
@@ -163,6 +167,7 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
         if "evaluate" in stages or "register" in stages:
             t0 = time.perf_counter()
             dev_evaluation = run_eval(gate_suite, "dev")
+            log.info("evaluate dev: %.1f s", time.perf_counter() - t0)
             dev_summary = {k: float(v) for k, v in dev_evaluation["summary"].items() if isinstance(v, (int, float))}
             parent.log_metrics({f"eval_dev/{k}": v for k, v in dev_summary.items()})
             parent.log_text(json.dumps(dev_evaluation, indent=1), "evaluation_dev.json")
