@@ -427,3 +427,17 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path, best: Mapping[str
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def trial_progress(bar):
+    """A Tune callback (on the driver) that moves the console's tune line by one per finished trial."""
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            bar.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            bar.update(1)
+
+    return TrialProgress()

@@ -47,6 +47,7 @@ from codiemb.tune.common import (
     select_best,
     specialist_targets,
     trial_index,
+    trial_progress,
     trial_run,
     with_objective,
     write_csv,
@@ -188,7 +189,7 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
                                             max_concurrent_trials=cfg.tune.max_concurrent, reuse_actors=True),
                 run_config=tune.RunConfig(name=name, storage_path=str(root),
                                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                                          callbacks=[*(callbacks or []), _trial_progress(bar)], verbose=1),
+                                          callbacks=[*(callbacks or []), trial_progress(bar)], verbose=1),
             )
         grid = tuner.fit()
         rows = collect_rows(grid, list(space_cfg))
@@ -249,19 +250,6 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
 
 __all__ = ["merge_trial", "run_merge_search"]
 
-
-def _trial_progress(bar):
-    """A Tune callback (on the driver) that moves the console's tune line by one per finished trial."""
-    from ray import tune
-
-    class TrialProgress(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            bar.update(1)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            bar.update(1)
-
-    return TrialProgress()
 
 
 def _inside_a_run() -> bool:
