@@ -99,6 +99,10 @@ class _LineBar:
     def refresh(self) -> None:
         pass
 
+    def reset(self, total: float | None = None) -> None:
+        self.n, self.total = 0, total
+        self.start = time.monotonic()
+
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self.postfix = s
 

@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent("""
         warnings.warn("a python warning")
         logging.getLogger("codiemb.demo").warning("codiemb warning line")
         logging.getLogger("mlflow").error("library error line")
-        with console.stage("train demo", total=4, unit="step") as bar:
+        with console.stage("train demo", unit="step") as bar:
+            bar.reset(total=4)  # as the train line does when the loop reports its total
             for _ in range(4):
                 bar.update(1)
         console.note("note line")

@@ -231,6 +231,7 @@ class _StageLine:
 
         self.actor = _progress_actor_class().remote() if console.active() else None
         self.bar = console.stage(f"train {name}", unit="step")
+        self.bar.set_postfix_str("starting Ray Train workers")
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True) if self.actor is not None else None
         if self.thread is not None:
@@ -240,8 +241,9 @@ class _StageLine:
         import ray
 
         done, total = ray.get(self.actor.get.remote(), timeout=10)
-        if total is not None:
-            self.bar.total = total
+        if total is not None and self.bar.total != total:  # the loop started: time the steps from here
+            self.bar.reset(total=total)
+            self.bar.set_postfix_str("")
         if done > self.bar.n:
             self.bar.update(done - self.bar.n)
 
