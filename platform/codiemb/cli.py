@@ -112,14 +112,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.tracking.enabled = False
     from codiemb.tracking.train_run import train_tracked
 
-    result, run_id = train_tracked(cfg, local=args.local, resume=not args.no_resume)
-    if run_id:
-        print(f"mlflow run: {run_id} ({cfg.tracking.uri})")
-    print(f"model: {result.model_dir}")
-    print(f"steps: {result.steps} {json.dumps(result.steps_per_task)}  samples/s: {result.samples_per_s:.1f}  "
-          f"wall: {result.wall_s:.0f}s")
+    with _routed(args, cfg, "train") as log_path:
+        result, run_id = train_tracked(cfg, local=args.local, resume=not args.no_resume)
+    lines = [f"mlflow run: {run_id} ({cfg.tracking.uri})"] if run_id else []
+    lines += [f"model: {result.model_dir}",
+              f"steps: {result.steps} {json.dumps(result.steps_per_task)}  samples/s: {result.samples_per_s:.1f}  "
+              f"wall: {result.wall_s:.0f}s"]
     if result.dev:
-        print("dev: " + "  ".join(f"{k}={v:.2f}" for k, v in result.dev.items()))
+        lines.append("dev: " + "  ".join(f"{k}={v:.2f}" for k, v in result.dev.items()))
+    _print_and_log("\n".join(lines), log_path)
     return 0
 
 
@@ -131,32 +132,55 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from codiemb.tune.driver import main as tune_main
+    from codiemb.config import load_config
+    from codiemb.tune.driver import run_search, summary
 
-    return tune_main(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    with _routed(args, cfg, "tune") as log_path:
+        result = run_search(cfg)
+    _print_and_log(summary(result), log_path)
+    return 0 if result.best_trial else 1
 
 
 # --------------------------------------------------------------------------- pipeline / quickstart
-def _print_pipeline(result, cfg) -> None:
+def pipeline_text(result, cfg) -> str:
+    """What the pipeline prints at the end: the gate's decision (on dev), then the test report."""
     from codiemb.evaluate.report import markdown_table
 
-    if result.evaluation:
-        print(markdown_table(result.evaluation))
-    print(f"\nmodel folder: {result.model_dir}")
+    lines = [f"model folder: {result.model_dir}"]
     if result.registered:
-        print(f"registered:   {result.registered['uri']}  (alias challenger)")
+        lines.append(f"registered:   {result.registered['uri']}  (alias challenger)")
     if result.gate:
-        print(f"gate:         {result.gate['decision']}: {result.gate['reason']}")
+        lines.append(f"gate:         {result.gate['decision']} on suite `{result.gate['suite']}`: {result.gate['reason']}")
         if result.gate.get("promoted") or result.gate.get("decision") == "unchanged":
-            print(f"champion:     models:/{result.registered['name']}@champion")
+            lines.append(f"champion:     models:/{result.registered['name']}@champion")
+    if result.evaluation:
+        after = "after the decision, " if result.gate else ""
+        lines += ["", f"test ({after}reported only, never used to choose):", markdown_table(result.evaluation).rstrip()]
     if result.run_id:
-        print(f"mlflow run:   {result.run_id}")
+        lines.append(f"mlflow run:   {result.run_id}")
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:") or "://" not in uri or uri.startswith("file:"):
-        print(f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+        lines.append(f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     else:
-        print(f"MLflow UI:    {uri}")
-    print(f"wall time:    {result.wall_s:.0f} s  " + " ".join(f"{k}={v:.0f}s" for k, v in result.stages_s.items()))
+        lines.append(f"MLflow UI:    {uri}")
+    lines.append(f"wall time:    {result.wall_s:.0f} s  " + " ".join(f"{k}={v:.0f}s" for k, v in result.stages_s.items()))
+    return "\n".join(lines)
+
+
+def _routed(args: argparse.Namespace, cfg, command: str):
+    """Library output to ``<run folder>/console.log``, one line per stage on the terminal (codiemb.console)."""
+    from codiemb import console
+    from codiemb.tracking.train_run import output_root
+
+    return console.routed(output_root(cfg), command, verbose=getattr(args, "verbose", False))
+
+
+def _print_and_log(text: str, log_path) -> None:
+    print(text)
+    if log_path is not None:
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -164,8 +188,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from codiemb.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
-    result = run_pipeline(cfg, local=args.local, resume=not args.no_resume)
-    _print_pipeline(result, cfg)
+    with _routed(args, cfg, "pipeline") as log_path:
+        result = run_pipeline(cfg, local=args.local, resume=not args.no_resume)
+    _print_and_log(pipeline_text(result, cfg), log_path)
     return 0
 
 
@@ -184,8 +209,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"{path}: the quickstart config ships with the repository; run from a checkout")
     cfg = load_config(path, args.overrides)
-    result = run_pipeline(cfg, local=args.local, resume=not args.no_resume)
-    _print_pipeline(result, cfg)
+    with _routed(args, cfg, "quickstart") as log_path:
+        result = run_pipeline(cfg, local=args.local, resume=not args.no_resume)
+    _print_and_log(pipeline_text(result, cfg), log_path)
     return 0
 
 
@@ -229,14 +255,18 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from codiemb.tracking.registry import promote
 
     mlflow.set_tracking_uri(args.tracking_uri)
-    decision = promote(args.name, args.version, suite=args.suite, margin=args.margin, data_dir=args.data_dir)
+    decision = promote(args.name, args.version, suite=args.suite, margin=args.margin, data_dir=args.data_dir,
+                       cache_dir=args.cache_dir)
     print(json.dumps(decision, indent=2, default=str))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codiemb", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="full output on the terminal (Ray, Tune, libraries) and debug logging; "
+                             "default: one line per stage, the rest in <run folder>/console.log "
+                             "(also CODIEMB_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("config", help="inspect a config")
@@ -352,9 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="the promotion gate: move 'champion' to the challenger if it is better")
     p.add_argument("name", help="registered model name")
     p.add_argument("--version", help="version to gate (default: the challenger alias)")
-    p.add_argument("--suite", default="default")
+    p.add_argument("--suite", default="dev", help="a dev suite: dev (default), stsb-dev or scifact-dev; never test")
     p.add_argument("--margin", type=float, default=0.1, help="points (x100 metrics) the challenger must win by")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache-dir", default=None, help="cache corpus embeddings here (e.g. runs/.cache/embeddings)")
     p.add_argument("--tracking-uri", default=default_uri)
     p.set_defaults(func=cmd_promote)
 

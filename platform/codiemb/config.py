@@ -274,7 +274,7 @@ class TuneConfig(Strict):
 
 
 class GateConfig(Strict):
-    suite: str = "default"
+    suite: str = "dev"  # a dev suite: the champion is never chosen on test (tracking/registry.check_gate_suite)
     margin: float = 0.1
 
 

@@ -1,5 +1,10 @@
 """The whole job: train (joint, or specialists) -> merge / merge search -> evaluate -> register -> gate.
 
+The gate decides on the dev suite (``registry.gate.suite``, default ``dev``; a test suite is
+refused); the test suite (``evaluate.suite``, default ``default``) is evaluated after the decision
+and only reported. Both evaluations share the corpus embeddings (``embedding_cache_dir``), so a
+model embeds a corpus once.
+
 One parent MLflow run holds it all; every training run, merge and sweep trial is a nested child run.
 ``codiemb pipeline CONFIG`` and ``jobs/pipeline.py`` call :func:`run_pipeline`; ``codiemb quickstart``
 runs it on ``configs/quickstart.yaml``. Like ``cli.py`` this module sits at the edge: it may import
@@ -34,6 +39,13 @@ class PipelineResult:
     sweep: dict[str, Any] | None = None
     wall_s: float = 0.0
     stages_s: dict[str, float] = field(default_factory=dict)
+    dev_evaluation: dict[str, Any] | None = None  # the gate's suite (dev): what the champion is chosen on
+
+
+def embedding_cache_dir(cfg: Config) -> str:
+    """Where evaluations cache corpus embeddings: ``<storage.path>/.cache/embeddings`` (``./runs/...`` for s3)."""
+    base = Path("runs") if cfg.storage.path.startswith("s3://") else Path(cfg.storage.path)
+    return str(base / ".cache" / "embeddings")
 
 
 def specialist_config(cfg: Config, name: str, overrides: dict[str, Any]) -> Config:
@@ -69,6 +81,10 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
     if cfg.pipeline is None:
         raise ConfigError("config has no 'pipeline' section (stages, specialists)")
     stages = list(cfg.pipeline.stages)
+    if "register" in stages:  # fail before training, not after: the gate decides on dev only
+        from codiemb.tracking.registry import check_gate_suite
+
+        check_gate_suite(cfg.registry.gate.suite if cfg.registry else "dev")
     root = output_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -89,7 +105,10 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
             if cfg.pipeline.specialists:
                 for name, overrides in cfg.pipeline.specialists.items():
                     scfg = specialist_config(cfg, name, overrides)
+                    t1 = time.perf_counter()
                     result, _ = train_tracked(scfg, local=local, resume=resume, nested=True, log_model=False)
+                    log.info("specialist %s: %.1f s (data + training %.1f s of it in the loop)", name,
+                             time.perf_counter() - t1, result.wall_s)
                     models[name] = result.model_dir
                     log.info("specialist %s: %s", name, result.model_dir)
             else:
@@ -131,54 +150,91 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
         if final is None:
             raise ConfigError("pipeline produced no model: include 'train' (or 'merge' with merge.models)")
 
-        # ---------------------------------------------------------------- evaluate
-        evaluation = None
-        summary: dict[str, float] = {}
-        if "evaluate" in stages or "register" in stages:
-            from codiemb.evaluate.report import markdown_table
-            from codiemb.evaluate.suites import evaluate_model
+        # ---------------------------------------------------------------- evaluate (dev: the gate's suite)
+        from codiemb import console
+        from codiemb.evaluate.report import markdown_table
+        from codiemb.evaluate.suites import evaluate_model
 
+        cache_dir = embedding_cache_dir(cfg)
+        gate_suite = cfg.registry.gate.suite if cfg.registry else "dev"
+        report_suite = cfg.evaluate.get("suite", "default")
+        evaluation = dev_evaluation = None
+        dev_summary: dict[str, float] = {}
+
+        def run_eval(suite: str, label: str) -> dict:
+            with console.stage(f"evaluate {label}", unit="text") as bar:
+                bar.set_postfix_str(f"suite {suite}")
+                return evaluate_model(final, suite=suite, data_dir=cfg.data.root, show_progress=False,
+                                      cache_dir=cache_dir, progress=bar)
+
+        def report_test() -> None:  # reported, never used to choose (after the gate when there is one)
+            nonlocal evaluation
             t0 = time.perf_counter()
-            suite = (cfg.registry.gate.suite if cfg.registry else None) or cfg.evaluate.get("suite", "default")
-            evaluation = evaluate_model(final, suite=suite, data_dir=cfg.data.root, show_progress=False)
+            evaluation = run_eval(report_suite, "test")
+            log.info("evaluate test: %.1f s", time.perf_counter() - t0)
             summary = {k: float(v) for k, v in evaluation["summary"].items() if isinstance(v, (int, float))}
             parent.log_metrics({f"eval/{k}": v for k, v in summary.items()})
             table = markdown_table(evaluation)
             parent.log_text(table, "evaluation.md")
             parent.log_text(json.dumps(evaluation, indent=1), "evaluation.json")
             (root / "evaluation.md").write_text(table + "\n")
-            timings["evaluate"] = time.perf_counter() - t0
+            timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t0
 
-        # ---------------------------------------------------------------- register + gate
+        if "evaluate" in stages or "register" in stages:
+            t0 = time.perf_counter()
+            dev_evaluation = run_eval(gate_suite, "dev")
+            log.info("evaluate dev: %.1f s", time.perf_counter() - t0)
+            dev_summary = {k: float(v) for k, v in dev_evaluation["summary"].items() if isinstance(v, (int, float))}
+            parent.log_metrics({f"eval_dev/{k}": v for k, v in dev_summary.items()})
+            parent.log_text(json.dumps(dev_evaluation, indent=1), "evaluation_dev.json")
+            timings["evaluate"] = time.perf_counter() - t0
+            if "register" not in stages:
+                report_test()
+
+        # ---------------------------------------------------------------- register + gate (on dev)
         registered = gate = None
         if "register" in stages:
-            from codiemb.tracking.registry import log_model, promote, register
+            from codiemb.tracking.registry import check_gate_suite, log_model, promote, register
 
+            check_gate_suite(gate_suite)
             t0 = time.perf_counter()
+            bar = console.stage("register", total=3, unit="step")
             name = cfg.registry.name if cfg.registry else cfg.run.name
             parent.flush(force=True)
             if not parent.run_id:
+                bar.close()
                 raise UserError(f"MLflow at {cfg.tracking.uri} is unreachable: the model stays at {final}; "
                                 f"run `codiemb register {root}` when it is back")
-            log_model(final, run_id=parent.run_id, config=cfg.to_dict(), metrics=summary,
+            bar.set_postfix_str("log model")
+            log_model(final, run_id=parent.run_id, config=cfg.to_dict(),
+                      metrics={f"dev_{k}": v for k, v in dev_summary.items()},
                       data={k: str(v) for k, v in models.items()})
+            bar.update(1)
+            bar.set_postfix_str("register")
             version = register(parent.run_id, name)
+            bar.update(1)
             registered = {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
             challenger_uri = f"models:/{name}/{version}"
 
             def score(uri: str) -> dict[str, float]:
-                if uri == challenger_uri and summary:
-                    return summary  # just measured on the same suite: do not evaluate twice
+                if uri == challenger_uri and dev_summary:
+                    return dev_summary  # just measured on the same suite: do not evaluate twice
                 from codiemb.tracking.registry import default_score_fn
 
-                return dict(default_score_fn(evaluation["suite"], cfg.data.root)(uri))
+                return dict(default_score_fn(gate_suite, cfg.data.root, cache_dir=cache_dir)(uri))
 
             gate_cfg = cfg.registry.gate if cfg.registry else None
-            gate = promote(name, version, suite=evaluation["suite"], margin=gate_cfg.margin if gate_cfg else 0.1,
+            bar.set_postfix_str(f"gate on {gate_suite}")
+            gate = promote(name, version, suite=gate_suite, margin=gate_cfg.margin if gate_cfg else 0.1,
                            score_fn=score)
+            bar.update(1)
+            bar.set_postfix_str(gate["decision"])
+            bar.close()
             parent.set_tags({"registered_model": name, "registered_version": version,
-                             "gate.decision": gate["decision"]})
+                             "gate.decision": gate["decision"], "gate.suite": gate_suite})
             timings["register"] = time.perf_counter() - t0
+            if "evaluate" in stages:
+                report_test()
             t0 = time.perf_counter()
             log_geometry(parent, final, root, data_dir=cfg.data.root)
             timings["geometry"] = time.perf_counter() - t0
@@ -186,6 +242,7 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
         wall = time.perf_counter() - t_start
         parent.log_metrics({f"time/{k}_s": v for k, v in timings.items()} | {"time/total_s": wall})
         result = PipelineResult(model_dir=str(final), models=models, evaluation=evaluation, registered=registered,
-                                gate=gate, run_id=parent.run_id, sweep=sweep_info, wall_s=wall, stages_s=timings)
+                                gate=gate, run_id=parent.run_id, sweep=sweep_info, wall_s=wall, stages_s=timings,
+                                dev_evaluation=dev_evaluation)
         (root / "pipeline_result.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
         return result

@@ -116,7 +116,8 @@ pipeline:
   specialists:
     ir: {{data.datasets: [{{name: ret, task: retrieval, path: {ret}, batch_size: 4}}]}}
     sts: {{data.datasets: [{{name: sts, task: sts, path: {sts}, score_range: [0, 5], batch_size: 4}}]}}
-registry: {{name: jobtest-model, gate: {{suite: stsb, margin: 0.1}}}}
+registry: {{name: jobtest-model, gate: {{suite: stsb-dev, margin: 0.1}}}}
+evaluate: {{suite: stsb}}
 """)
     return cfg
 

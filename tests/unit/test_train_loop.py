@@ -115,3 +115,22 @@ def test_fault_injection_fires_once(tmp_path, tiny_model_dir, monkeypatch):
     res = train(cfg, output_dir=tmp_path / "o")  # resumes from step 4, does not fail again
     assert res.resumed_from == 4
     assert res.steps_per_task == res.planned_steps_per_task
+
+
+def test_progress_hook_counts_every_step(tmp_path, tiny_model_dir):
+    """The console's train line: on_progress(0, total) before the first step, then once per step."""
+    cfg = _cfg(tmp_path, tiny_model_dir, **{"train.max_steps": 3, "train.checkpoint_every": 0})
+    calls = []
+
+    class Cb:
+        def on_log(self, step, metrics):
+            pass
+
+        def on_checkpoint(self, step, path):
+            pass
+
+        def on_progress(self, done, total):
+            calls.append((done, total))
+
+    result = train(cfg, output_dir=tmp_path / "out", callbacks=Cb())
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)] and result.steps == 3

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from codiemb import console
 from codiemb.data import local
 from codiemb.data.local import BadRow
 from codiemb.data.schemas import RowError, check_score_range
@@ -231,6 +232,9 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
         store = ShardStore.open(set_uri)
         counts = dict(store.manifest["counts"])
         log.info("%s: reusing token shards %s (%d rows; no tokenizing)", source, set_uri, counts["valid"])
+        with console.stage(f"data {_short(source)}", total=counts["read"], unit="row") as bar:
+            bar.set_postfix_str("token shards reused")
+            bar.update(counts["read"])
         _gate(counts, store.manifest.get("first_bad"), spec, source)
         if counts["quarantined"] and spec.on_bad_rows == "quarantine" and quarantine_path:
             _copy_quarantine(sfs, join(set_dir, QUARANTINE), quarantine_path)
@@ -253,8 +257,11 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
                                      set_dir=set_dir, parsed=parsed)
                        for idx, names, lines, raws, parsed in _local_blocks(fs, root, found, files, spec.qrels,
                                                                           spec.max_rows))
+        bar = console.stage(f"data {_short(source)}", unit="row")
+        bar.set_postfix_str("validate + tokenize")
         for res in results:
             counts["read"] += int(res["read"])
+            bar.update(int(res["read"]))
             for f, line, reason, raw in zip(res["bad_file"], res["bad_line"], res["bad_reason"], res["bad_raw"]):
                 counts["quarantined"] += 1
                 row = BadRow(f, int(line), reason, raw)
@@ -263,6 +270,8 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
                     first_bad = row
             if res["shard"]:
                 entries.append((res["shard"], json.loads(res["stats"])))
+        bar.set_postfix_str(f"valid {counts['read'] - counts['quarantined']}, quarantined {counts['quarantined']}")
+        bar.close()
         qfile.close()
         counts["valid"] = counts["read"] - counts["quarantined"]
         if counts["read"] == 0:
@@ -294,6 +303,11 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
              stats["tokens"])
     return BuildResult(ShardStore.open(set_uri), counts, False, seconds, set_uri,
                        rows_per_s=counts["read"] / max(seconds, 1e-9))
+
+
+def _short(source: str) -> str:
+    """A data source's last path part, for the console's stage line."""
+    return source.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _copy_file(src: str, fs, dest: str) -> None:

@@ -29,13 +29,16 @@ def _comm_device(ctx) -> torch.device:
 
 
 def encode_texts(encoder, texts: list[str], *, batch_size: int = 64, max_length: int | None = None,
-                 instruction: str | None = None, ctx=None, show_progress: bool = False) -> np.ndarray:
-    """L2-normalised float32 embeddings (N, D) of ``texts``, computed by all ranks of ``ctx`` together."""
+                 instruction: str | None = None, ctx=None, show_progress: bool = False, progress=None) -> np.ndarray:
+    """L2-normalised float32 embeddings (N, D) of ``texts``, computed by all ranks of ``ctx`` together.
+
+    ``progress`` (one process only): a tqdm-like bar moved by the number of texts of each batch."""
     rank, size = world(ctx)
     texts = list(texts)
     if size <= 1:
         emb = encoder.encode(texts, batch_size=batch_size, max_length=max_length, instruction=instruction,
-                             normalize=True, show_progress=show_progress)
+                             normalize=True, show_progress=show_progress,
+                             **({"progress": progress} if progress is not None else {}))
         return np.asarray(torch.as_tensor(emb, dtype=torch.float32).numpy(), dtype=np.float32)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # Encoder.encode's order
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

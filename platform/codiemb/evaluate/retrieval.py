@@ -60,7 +60,7 @@ def evaluate_retrieval(encoder, split, batch_size: int = 64, query_max_length: i
                        ignore_identical_ids: bool = False,
                        show_progress: bool = False, index: str = "faiss", storage: str = "float32",
                        chunk_size: int = 16384, use_ray: bool = False, ray_options: dict | None = None,
-                       ctx=None) -> dict:
+                       ctx=None, cache=None, progress=None) -> dict:
     """Score ``encoder`` on a ``codiemb.data.beir.BeirSplit`` (in memory, or streamed: ``load_beir(..., corpus=False)``).
 
     Returns ``{"ndcg@k", "mrr@k", "recall@k" for every k in k_values (× 100), "n_queries", "n_docs",
@@ -72,7 +72,10 @@ def evaluate_retrieval(encoder, split, batch_size: int = 64, query_max_length: i
     ``storage``: ``"float32"`` or ``"float16"`` (half the memory; scores of the rounded vectors).
     ``use_ray``: embed the corpus with Ray Data (``ray_options`` go to
     ``codiemb.evaluate.retrieval_ray.embed_corpus``). ``ctx``: a torch.distributed context; every
-    rank must call this with the same arguments.
+    rank must call this with the same arguments. ``cache``: an
+    :class:`~codiemb.evaluate.cache.EmbeddingCache` (one process, a corpus file): the corpus
+    embeddings are read from it, or written to it. ``progress``: a tqdm-like bar moved by one per
+    text embedded (queries and documents; a cached document counts when it is read).
     """
     t0 = time.perf_counter()
     k_values = sorted({int(k) for k in k_values})
@@ -80,45 +83,54 @@ def evaluate_retrieval(encoder, split, batch_size: int = 64, query_max_length: i
     saved = getattr(encoder, "instructions", {})  # the model's own (trained with, saved with it)
     query_instruction = query_instruction or saved.get("query")
     doc_instruction = doc_instruction or saved.get("passage")
+    if cache is not None and (size > 1 or not split.folder):
+        cache = None  # the cache keys a corpus file embedded by one process
     if use_ray and size > 1:
         raise ValueError("use_ray and a distributed ctx are two ways to spread the work: pick one")
     query_ids = list(split.qrels)
     if not query_ids:
         raise ValueError(f"retrieval split {split.folder}:{split.split} has no queries")
     q_emb = encode_texts(encoder, [split.queries[q] for q in query_ids], batch_size=batch_size,
-                         max_length=query_max_length, instruction=query_instruction, ctx=ctx)
+                         max_length=query_max_length, instruction=query_instruction, ctx=ctx,
+                         progress=progress if rank == 0 else None)
     main = rank == 0
     store = ExactIndex(q_emb.shape[1], backend=index, storage=storage) if main else None
-    if use_ray:
-        from codiemb.evaluate.retrieval_ray import embed_corpus  # lazy: imports ray
+    def embed():
+        if use_ray:
+            from codiemb.evaluate.retrieval_ray import embed_corpus  # lazy: imports ray
 
-        if not split.folder:
-            raise ValueError("use_ray needs a split read from a BEIR folder (its corpus.jsonl)")
-        if doc_instruction != saved.get("passage"):  # the actors apply the model's own
-            raise ValueError("use_ray embeds documents with the model's own passage instruction; "
-                             f"{doc_instruction!r} differs from it")
-        batches = embed_corpus(encoder, split.corpus_path, batch_size=batch_size, max_length=doc_max_length,
-                               **(ray_options or {}))
-    else:
-        batches = ((ids, encode_texts(encoder, texts, batch_size=batch_size, max_length=doc_max_length,
-                                      instruction=doc_instruction, ctx=ctx))
-                   for ids, texts in split.iter_corpus(chunk_size))
-    n_docs = 0
-    progress = None
-    if show_progress and main:
+            if not split.folder:
+                raise ValueError("use_ray needs a split read from a BEIR folder (its corpus.jsonl)")
+            if doc_instruction != saved.get("passage"):  # the actors apply the model's own
+                raise ValueError("use_ray embeds documents with the model's own passage instruction; "
+                                 f"{doc_instruction!r} differs from it")
+            return embed_corpus(encoder, split.corpus_path, batch_size=batch_size, max_length=doc_max_length,
+                                **(ray_options or {}))
+        per_batch[0] = True  # the encoder moves the bar batch by batch
+        return ((ids, encode_texts(encoder, texts, batch_size=batch_size, max_length=doc_max_length,
+                                   instruction=doc_instruction, ctx=ctx, progress=progress if main else None))
+                for ids, texts in split.iter_corpus(chunk_size))
+
+    own_bar = None
+    if show_progress and main and progress is None:
         from tqdm.auto import tqdm
 
-        progress = tqdm(desc="corpus", unit="doc")
+        progress = own_bar = tqdm(desc="corpus", unit="doc")
+    per_batch = [False]
+    batches = (cache.corpus_batches(encoder, split.corpus_path, doc_max_length, embed, instruction=doc_instruction,
+                                 chunk_size=chunk_size)
+               if cache is not None else embed())
+    n_docs = 0
     try:
         for ids, emb in batches:
             n_docs += len(ids)
             if main:
                 store.add(ids, emb)
-            if progress is not None:
+            if progress is not None and main and not per_batch[0]:
                 progress.update(len(ids))
     finally:
-        if progress is not None:
-            progress.close()
+        if own_bar is not None:
+            own_bar.close()
     if n_docs == 0:
         raise ValueError(f"retrieval split {split.folder}:{split.split} has no documents")
     result: dict = {}

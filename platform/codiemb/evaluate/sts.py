@@ -48,7 +48,7 @@ def _check_pair(row, where: str) -> dict:
 
 def evaluate_sts(encoder, pairs: str | os.PathLike | Iterable[dict], batch_size: int = 64,
                  max_length: int | None = None, show_progress: bool = False, ctx=None,
-                 instruction: str | None = None) -> dict:
+                 instruction: str | None = None, progress=None) -> dict:
     """Score ``encoder`` on STS pairs (a JSONL path or records).
 
     Each distinct sentence is embedded once (at ``max_length``, default the model's
@@ -57,6 +57,7 @@ def evaluate_sts(encoder, pairs: str | os.PathLike | Iterable[dict], batch_size:
     ``instruction`` (default: the model's own ``sts`` one) prefixes both sentences.
     ``ctx`` (rank / world_size / device): the ranks of a torch.distributed group share the
     embedding (``codiemb.evaluate.distributed.encode_texts``); every rank gets the same result.
+    ``progress``: a tqdm-like bar moved by the number of sentences embedded.
     """
     from codiemb.evaluate.distributed import encode_texts
 
@@ -71,7 +72,7 @@ def evaluate_sts(encoder, pairs: str | os.PathLike | Iterable[dict], batch_size:
     index = {t: i for i, t in enumerate(texts)}
     instruction = instruction or getattr(encoder, "instructions", {}).get("sts")
     emb = encode_texts(encoder, texts, batch_size=batch_size, max_length=max_length, ctx=ctx,
-                       show_progress=show_progress, instruction=instruction)
+                       show_progress=show_progress, instruction=instruction, progress=progress)
     emb = torch.as_tensor(emb, dtype=torch.float32)
     a = emb[[index[r["sentence1"]] for r in records]]
     b = emb[[index[r["sentence2"]] for r in records]]

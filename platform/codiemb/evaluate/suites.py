@@ -90,13 +90,19 @@ def _load_encoder(model, device):
 
 def evaluate_model(model, suite: str = "default", data_dir: str | os.PathLike | None = None,
                    batch_size: int = 64, show_progress: bool = True, max_length: dict | None = None,
-                   device=None, retrieval_options: dict | None = None) -> dict:
+                   device=None, retrieval_options: dict | None = None, cache_dir: str | os.PathLike | None = None,
+                   progress=None) -> dict:
     """Evaluate a model (alias, folder, ``models:/NAME@ALIAS``, or an ``Encoder``) on a named suite.
 
     ``max_length`` may set ``sts``, ``query`` and ``passage`` token limits; each defaults to the
     model's ``max_seq_length`` (256 for all-MiniLM-L6-v2, as MTEB runs it). Retrieval corpora are
     streamed (never loaded whole); ``retrieval_options`` go to ``evaluate_retrieval`` (``index``,
     ``storage``, ``chunk_size``, ``use_ray``, ``ray_options``).
+
+    ``cache_dir``: corpus embeddings are cached there (``codiemb.evaluate.cache``), so the same
+    model on the same corpus (dev and test qrels of one BEIR folder, or a second evaluation) embeds
+    it once. ``progress``: a tqdm-like bar; its ``total`` is set to the texts this suite embeds
+    (sentences, queries, documents) and it moves as they are embedded (or read from the cache).
     """
     from codiemb.data.beir import load_beir
     from codiemb.evaluate.retrieval import evaluate_retrieval
@@ -113,20 +119,42 @@ def evaluate_model(model, suite: str = "default", data_dir: str | os.PathLike | 
     encoder, name = _load_encoder(model, device)
     lengths = {k: int((max_length or {}).get(k) or encoder.max_seq_length) for k in MAX_LENGTH_KEYS}
 
+    cache = None
+    if cache_dir is not None:
+        from codiemb.evaluate.cache import EmbeddingCache
+
+        cache = EmbeddingCache(cache_dir)
+    if progress is not None:
+        progress.total = (progress.total or 0) + sum(_texts_to_embed(task, root) for task in SUITES[suite])
+        progress.refresh()
     results: dict[str, dict] = {}
     summary: dict[str, float] = {}
     for task in SUITES[suite]:
         logger.info("evaluating %s on %s (%s)", name, task.name, task.split)
         if task.kind == "sts":
             res = evaluate_sts(encoder, root / task.path, batch_size=batch_size, max_length=lengths["sts"],
-                               show_progress=show_progress)
+                               show_progress=show_progress and progress is None, progress=progress)
         else:
             split = load_beir(root / task.path, task.split, corpus=False)
             res = evaluate_retrieval(encoder, split, batch_size=batch_size, query_max_length=lengths["query"],
                                      doc_max_length=lengths["passage"], show_progress=show_progress,
-                                     **(retrieval_options or {}))
+                                     cache=cache, progress=progress, **(retrieval_options or {}))
         results[task.name] = {"split": task.split, **res}
         summary[f"{task.name}_{task.main_metric}"] = res[task.main_metric]
     summary["mean"] = sum(summary.values()) / len(summary)
     return {"model": name, "suite": suite, "results": results, "summary": summary, "max_length": lengths,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _texts_to_embed(task: Task, root) -> int:
+    """How many texts ``task`` embeds: distinct STS sentences, or queries with qrels plus documents."""
+    from codiemb.data.beir import load_beir
+
+    if task.kind == "sts":
+        from codiemb.evaluate.sts import read_sts_pairs
+
+        return len({s for r in read_sts_pairs(root / task.path) for s in (r["sentence1"], r["sentence2"])})
+    split = load_beir(root / task.path, task.split, corpus=False)
+    with open(split.corpus_path, "rb") as fh:
+        docs = sum(1 for line in fh if line.strip())
+    return len(split.qrels) + docs

@@ -315,11 +315,12 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str], *, batch_size: int = 64, max_length: int | None = None,
                instruction: str | None = None, normalize: bool | None = None, show_progress: bool = False,
-               convert_to_numpy: bool = False, dtype: torch.dtype | None = None):
+               convert_to_numpy: bool = False, dtype: torch.dtype | None = None, progress=None):
         """Embed texts in eval mode. Returns float32 (N, D) on CPU (a numpy array if asked).
 
         Texts are batched longest first (less padding), and the original order is restored.
         ``dtype`` (torch.bfloat16 / torch.float16) turns on autocast, on CUDA only.
+        ``progress``: a tqdm-like bar, moved by each batch's number of texts.
         """
         from tqdm.auto import tqdm
 
@@ -342,6 +343,8 @@ class Encoder(nn.Module):
                 if normalize:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
                 chunks.append(emb.cpu())
+                if progress is not None:
+                    progress.update(len(batch))
         finally:
             self.train(was_training)
         if chunks:

@@ -4,11 +4,12 @@ Workflow (MLflow 3: aliases, not stages)::
 
     info = log_model("runs/final", metrics=summary, config=cfg)     # inside the run
     version = register(run_id, "codiemb-minilm")                     # alias `challenger`
-    decision = promote("codiemb-minilm", suite="default", margin=0.1)  # maybe moves `champion`
+    decision = promote("codiemb-minilm", suite="dev", margin=0.1)   # maybe moves `champion`
     path = resolve_model_uri("models:/codiemb-minilm@champion")      # a local ST folder
 
 **The gate.** ``promote`` scores the challenger and the current champion with the same
-``score_fn`` (default: ``codiemb.evaluate.suites.evaluate_model(...)["summary"]``), reduces each
+``score_fn`` (default: ``codiemb.evaluate.suites.evaluate_model(...)["summary"]`` on a dev suite,
+``dev`` by default; a suite with test data is refused), reduces each
 to one number — the summary's ``mean`` if it has one, else the mean of the metrics both models
 share — and moves ``champion`` only when ``challenger - champion > margin`` (metrics are ×100,
 so margin 0.1 is a tenth of a point), or when there is no champion yet. The decision and the
@@ -389,28 +390,52 @@ def gate_score(summary: Mapping[str, Any], keys: list[str] | None = None) -> flo
     return sum(values) / len(values)
 
 
-def default_score_fn(suite: str = "default", data_dir: str | None = None, tracking_uri: str | None = None) -> ScoreFn:
-    """The real evaluator: resolve the model URI to a folder and run the named suite on it."""
+DEFAULT_GATE_SUITE = "dev"
+
+
+def check_gate_suite(suite: str) -> None:
+    """The gate decides on dev data only: a suite with any test task is refused (one line)."""
+    from codiemb.evaluate.suites import SUITES
+
+    if suite not in SUITES:
+        raise UserError(f"gate: unknown evaluation suite {suite!r}; choose from "
+                        f"{', '.join(k for k, v in SUITES.items() if all(t.split != 'test' for t in v))}")
+    test = [t.name for t in SUITES[suite] if t.split == "test"]
+    if test:
+        dev = [k for k, v in SUITES.items() if all(t.split != "test" for t in v)]
+        raise UserError(f"gate: suite {suite!r} holds test data ({', '.join(test)}); a champion is chosen on dev "
+                        f"only: use one of {', '.join(dev)} (test is reported after the decision)")
+
+
+def default_score_fn(suite: str = DEFAULT_GATE_SUITE, data_dir: str | None = None, tracking_uri: str | None = None,
+                     cache_dir: str | None = None) -> ScoreFn:
+    """The real evaluator: resolve the model URI to a folder and run the named suite on it
+    (corpus embeddings cached in ``cache_dir`` when given: an unchanged champion is not embedded again)."""
 
     def score(uri: str) -> Mapping[str, float]:
         from codiemb.evaluate.suites import evaluate_model
 
         path = resolve_model_uri(uri, tracking_uri=tracking_uri)
-        return evaluate_model(path, suite=suite, data_dir=data_dir)["summary"]
+        return evaluate_model(path, suite=suite, data_dir=data_dir, show_progress=False,
+                              cache_dir=cache_dir)["summary"]
 
     return score
 
 
-def promote(name: str, version: str | int | None = None, suite: str = "default", margin: float = 0.1,
+def promote(name: str, version: str | int | None = None, suite: str = DEFAULT_GATE_SUITE, margin: float = 0.1,
             score_fn: ScoreFn | None = None, *, data_dir: str | None = None,
-            tracking_uri: str | None = None) -> dict[str, Any]:
+            tracking_uri: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
     """The promotion gate. ``version`` defaults to the ``challenger`` alias; returns the decision.
+
+    ``suite`` must be a dev suite (``dev``, ``stsb-dev``, ``scifact-dev``): a champion is never
+    chosen on test data (:func:`check_gate_suite`).
 
     The returned dict: name, challenger_version, champion_version (before the gate),
     challenger_score, champion_score (None without a champion), margin, suite, promoted (bool),
     decision ("promoted" | "rejected" | "unchanged"), reason, scores ({"challenger": {...},
     "champion": {...}}).
     """
+    check_gate_suite(suite)
     client = _client(tracking_uri)
     if version is None:
         version = alias_version(name, CHALLENGER, tracking_uri)
@@ -418,7 +443,7 @@ def promote(name: str, version: str | int | None = None, suite: str = "default",
             raise UserError(f"model {name!r} has no '{CHALLENGER}' alias: register a run first (codiemb register RUN)")
     version = str(version)
     champion = alias_version(name, CHAMPION, tracking_uri)
-    score_fn = score_fn or default_score_fn(suite, data_dir, tracking_uri)
+    score_fn = score_fn or default_score_fn(suite, data_dir, tracking_uri, cache_dir)
     result: dict[str, Any] = {"name": name, "challenger_version": version, "champion_version": champion,
                               "suite": suite, "margin": float(margin), "challenger_score": None,
                               "champion_score": None, "scores": {}}

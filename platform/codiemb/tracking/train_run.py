@@ -102,6 +102,26 @@ def train_tracked(cfg: Config, *, local: bool, resume: bool = True, nested: bool
         return result, logger.run_id
 
 
+class _StageCallbacks(_LoggerCallbacks):
+    """Metrics to MLflow (when there is a run) and the steps to the console's stage line."""
+
+    def __init__(self, logger, bar):
+        super().__init__(logger)
+        self.bar = bar
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            super().on_log(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path | None) -> None:
+        if self.logger is not None:
+            super().on_checkpoint(step, path)
+
+    def on_progress(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+
 def _train(cfg: Config, local: bool, resume: bool, logger: Any) -> TrainResult:
     """The local loop or the Ray driver; while it runs, SIGTERM stops training at the next step
     boundary with a checkpoint (``train/stop.py``: raises ``TrainingStopped``)."""
@@ -109,10 +129,11 @@ def _train(cfg: Config, local: bool, resume: bool, logger: Any) -> TrainResult:
 
     with sigterm_stops_training():
         if local:
+            from codiemb import console
             from codiemb.train.loop import train
 
-            callbacks = _LoggerCallbacks(logger) if logger is not None else None
-            return train(cfg, resume=resume, callbacks=callbacks)
+            with console.stage(f"train {cfg.run.name}", unit="step") as bar:
+                return train(cfg, resume=resume, callbacks=_StageCallbacks(logger, bar))
         from codiemb.train.ray_trainer import train_on_ray
 
         return train_on_ray(cfg, resume=resume, mlflow_run_id=logger.run_id if logger is not None else None)

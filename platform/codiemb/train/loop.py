@@ -245,6 +245,7 @@ def wrap_for_ddp(encoder, ctx: "DistContext", prepare=None):
 class Callbacks(Protocol):
     def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
+    # optional, on the main rank: on_progress(done, total) before the first step and after each step
 
 
 class _NoCallbacks:
@@ -706,6 +707,9 @@ def train(
         progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         disable=os.environ.get("CODIEMB_NO_PROGRESS") == "1")
     metrics_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
+    on_progress = getattr(callbacks, "on_progress", None) if ctx.is_main else None  # the console's stage line
+    if on_progress is not None:
+        on_progress(start_step, total_steps)
     window_samples = window_tokens = 0
     window_start = time.perf_counter()
     total_samples = total_tokens = 0
@@ -772,6 +776,8 @@ def train(
                     progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items() if k.startswith("loss/")})
             if progress is not None:
                 progress.update(1)
+            if on_progress is not None:
+                on_progress(done, total_steps)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
                 # every rank embeds its share of the dev sets (evaluate/dev.py), so none waits idle
                 # in a collective while rank 0 evaluates alone

@@ -85,12 +85,18 @@ def check_resources(cfg: Config) -> None:
 
 # --------------------------------------------------------------------------- worker body
 class _RayCallbacks:
-    """Rank 0 logs metrics to MLflow; every rank reports each checkpoint to Ray Train."""
+    """Rank 0 logs metrics to MLflow; every rank reports each checkpoint to Ray Train; rank 0 tells
+    the driver's progress actor (when there is one) how many steps are done."""
 
-    def __init__(self, rank: int, tracker: Any | None, run_id: str | None):
+    def __init__(self, rank: int, tracker: Any | None, run_id: str | None, progress: Any | None = None):
         self.rank = rank
         self.tracker = tracker
         self.run_id = run_id
+        self.progress = progress
+
+    def on_progress(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.set.remote(done, total)  # fire and forget
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         if self.tracker is not None:
@@ -222,7 +228,7 @@ def train_loop_per_worker(config: dict) -> None:
         from codiemb.tracking.mlflow_run import SafeLogger
 
         tracker = SafeLogger(cfg.tracking.uri, run_id, experiment=cfg.tracking.experiment)
-    callbacks = _RayCallbacks(rank, tracker, run_id)
+    callbacks = _RayCallbacks(rank, tracker, run_id, config.get("progress") if rank == 0 else None)
     from codiemb.train.stop import TrainingStopped
 
     try:
@@ -256,6 +262,77 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # --------------------------------------------------------------------------- driver
+_PROGRESS_ACTOR = None
+
+
+def _progress_actor_class():
+    """A tiny actor (no CPU) that holds rank 0's (steps done, total) for the driver's stage line."""
+    global _PROGRESS_ACTOR
+    if _PROGRESS_ACTOR is None:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class StepProgress:
+            def __init__(self) -> None:
+                self.done, self.total = 0, None
+
+            def set(self, done: int, total: int) -> None:
+                self.done, self.total = int(done), int(total)
+
+            def get(self) -> tuple[int, int | None]:
+                return self.done, self.total
+
+        _PROGRESS_ACTOR = StepProgress
+    return _PROGRESS_ACTOR
+
+
+class _StageLine:
+    """The console's train line, fed by polling the progress actor from a thread while ``fit`` runs."""
+
+    def __init__(self, name: str) -> None:
+        import threading
+
+        from codiemb import console
+
+        self.actor = _progress_actor_class().remote() if console.active() else None
+        self.bar = console.stage(f"train {name}", unit="step")
+        self.bar.set_postfix_str("starting Ray Train workers")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True) if self.actor is not None else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def _pull(self) -> None:
+        import ray
+
+        done, total = ray.get(self.actor.get.remote(), timeout=10)
+        if total is not None and self.bar.total != total:  # the loop started: time the steps from here
+            self.bar.reset(total=total)
+            self.bar.set_postfix_str("")
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                self._pull()
+            except Exception:  # the stage line must never break training
+                log.debug("progress actor not reachable", exc_info=True)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+            try:
+                self._pull()
+            except Exception:
+                pass
+            import ray
+
+            ray.kill(self.actor)
+        self.bar.close()
+
+
 def build_shards_with_ray(cfg: Config, quarantine_dir: Path) -> tuple[dict[str, str], dict[str, dict]]:
     """Build (or reuse) every dataset's token shards with Ray Data; their locations and counts."""
     from codiemb.train.loop import load_task_data
@@ -339,10 +416,12 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
     import ray
 
     stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    line = _StageLine(cfg.run.name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": _worker_config(cfg), "mlflow_run_id": mlflow_run_id, "data_counts": counts,
-                           "fail_marker_dir": fail_marker_dir, "shard_sets": shard_sets, "stop_flag": stop_flag},
+                           "fail_marker_dir": fail_marker_dir, "shard_sets": shard_sets, "stop_flag": stop_flag,
+                           "progress": line.actor},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),
         run_config=ray.train.RunConfig(
@@ -358,6 +437,7 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
         result = trainer.fit()
     finally:
         watching.set()
+        line.close()
     if result.error:
         raise result.error
     from codiemb.train import stop

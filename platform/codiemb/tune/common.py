@@ -427,3 +427,30 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path, best: Mapping[str
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def trial_progress(bar):
+    """A Tune callback (on the driver) that moves the console's tune line by one per finished trial.
+
+    Tune saves its run config (callbacks included) with the experiment; the bar (it holds the
+    terminal stream) is left out of that copy, so a restored callback moves nothing."""
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        def __init__(self, bar) -> None:
+            self.bar = bar
+
+        def __getstate__(self):
+            return {"bar": None}
+
+        def _one(self) -> None:
+            if self.bar is not None:
+                self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._one()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._one()
+
+    return TrialProgress(bar)

@@ -51,6 +51,7 @@ from codiemb.tune.common import (
     pareto_plot,
     select_best,
     trial_index,
+    trial_progress,
     trial_run,
     with_objective,
     write_csv,
@@ -273,6 +274,9 @@ def run_loss_search(cfg: Config) -> SweepResult:
                   "objective_weights": dict(cfg.tune.objective_weights), "fail_trials": fail_trials_from_env()}
         # the trial only drives its TorchTrainer (whose workers hold the CPUs); Tune needs > 0
         cpus = max(0.01, cfg.tune.trial_cpus if cfg.tune.trial_cpus is not None else 0.1)
+        from codiemb import console
+
+        bar = console.stage("tune", total=cfg.tune.num_samples, unit="trial")
         trainable = tune.with_resources(tune.with_parameters(loss_trial, bundle=bundle), {"cpu": cpus})
         if restoring:
             tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
@@ -286,9 +290,10 @@ def run_loss_search(cfg: Config) -> SweepResult:
                                             max_concurrent_trials=cfg.tune.max_concurrent),
                 run_config=tune.RunConfig(name=name, storage_path=str(root),
                                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                                          verbose=1),
+                                          callbacks=[trial_progress(bar)], verbose=1),
             )
         grid = tuner.fit()
+        bar.close()
         rows = collect_rows(grid, list(cfg.tune.space))
         finish_children(tracking, rows)
         best = select_best(rows, cfg)

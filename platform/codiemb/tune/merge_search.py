@@ -47,6 +47,7 @@ from codiemb.tune.common import (
     select_best,
     specialist_targets,
     trial_index,
+    trial_progress,
     trial_run,
     with_objective,
     write_csv,
@@ -128,8 +129,13 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
     root, name = experiment_dir(cfg)
     exp_path = root / name
 
+    from codiemb import console
+
+    bar = console.stage("tune", total=cfg.tune.num_samples, unit="trial")
+    bar.set_postfix_str("dev pool (BM25 + base-model mining, cached)")
     inputs = load_inputs(cfg)
     dev = dev_set_for(cfg, inputs)
+    bar.set_postfix_str("trials")
     log.info("dev set: %s", dev.info)
     methods = space_cfg.get("method", {}).get("values", []) if isinstance(space_cfg.get("method"), dict) else \
         [space_cfg.get("method", cfg.merge.method)]
@@ -183,10 +189,13 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
                                             max_concurrent_trials=cfg.tune.max_concurrent, reuse_actors=True),
                 run_config=tune.RunConfig(name=name, storage_path=str(root),
                                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                                          callbacks=callbacks, verbose=1),
+                                          callbacks=[*(callbacks or []), trial_progress(bar)], verbose=1),
             )
         grid = tuner.fit()
         rows = collect_rows(grid, list(space_cfg))
+        done = sum(r["status"] != "INCOMPLETE" for r in rows)
+        bar.update(max(0, done - bar.n))
+        bar.set_postfix_str("writing the best merge")
         finish_children(tracking, rows)
         best = select_best(rows, cfg)
         n_err = sum(r["status"] == "ERROR" for r in rows)
@@ -229,6 +238,9 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
             if png is not None:
                 parent.log_artifact(str(png), "sweep")
             parent.set_tags({"codiemb.best_trial": best["trial_id"] if best else "none"})
+    best_obj = best_metrics.get(OBJECTIVE)
+    bar.set_postfix_str(f"best dev objective {best_obj:.2f}" if isinstance(best_obj, (int, float)) else "done")
+    bar.close()
     return SweepResult(search="merge", experiment_path=str(exp_path), best_trial=best and best["trial_id"],
                        best_config=best_config, best_metrics=best_metrics, output_dir=output_dir,
                        n_trials=len(rows), n_errors=n_err, rows=rows, results_csv=str(csv_path),
@@ -237,6 +249,7 @@ def run_merge_search(cfg: Config, callbacks: list | None = None) -> SweepResult:
 
 
 __all__ = ["merge_trial", "run_merge_search"]
+
 
 
 def _inside_a_run() -> bool:
