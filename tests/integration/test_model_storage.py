@@ -1,4 +1,5 @@
-"""``model.name: s3://...`` and ``storage.path: s3://...`` on moto's server (127.0.0.1), 2 Ray workers.
+"""``model.name: s3://...`` and ``storage.path: s3://...`` on moto's server (127.0.0.1), 2 Ray workers;
+FSDP through Ray Train's workers.
 
 The model folder exists only in the bucket: every process that needs it (the shard build's
 tokenizer actors, each Train worker) copies it from storage into its local cache, keyed by the
@@ -85,3 +86,34 @@ tracking: {{enabled: false}}
     changed = Encoder.load(f"s3://{BUCKET}/models/tiny")
     assert changed.backbone.config.layer_norm_eps == 1e-6
     assert len([d for d in (cache_dir() / "remote").iterdir() if d.name.startswith("tiny-")]) == 2
+
+
+def test_fsdp_on_ray_workers_trains_and_saves_the_full_model(ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    """scaling.strategy: fsdp through Ray Train's workers (the loop shards; Ray's own fsdp is FSDP1)."""
+    from safetensors.torch import load_file
+
+    from codiemb.train.ray_trainer import train_on_ray
+
+    monkeypatch.setenv("CODIEMB_SKIP_DEV", "1")
+    ret, sts = write_tiny_pairs(tmp_path, 32, 32)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"""
+run: {{name: fsdpray, seed: 1}}
+model: {{name: {tiny_model_dir}, max_length: {{query: 16, passage: 16, sts: 16}}}}
+data:
+  datasets:
+    - {{name: ret, task: retrieval, path: {ret}, batch_size: 4}}
+    - {{name: sts, task: sts, path: {sts}, score_range: [0, 5], batch_size: 4}}
+loss: {{retrieval: {{temperature: 0.05, negatives: 1}}, sts: {{mid_nce: 0.0}}}}
+train: {{max_steps: 3, lr: 1.0e-3, checkpoint_every: 2, log_every: 1}}
+scaling: {{num_workers: 2, strategy: fsdp}}
+storage: {{path: {tmp_path / 'storage'}}}
+tracking: {{enabled: false}}
+""")
+    res = train_on_ray(load_config(f), resume=False)
+    assert res.steps == 3 and res.grad_sync.startswith("FSDP")
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    for folder in (tmp_path / "storage" / "fsdpray" / "model", tmp_path / "storage" / "fsdpray" / "step-000002" / "model"):
+        got = load_file(str(folder / "model.safetensors"))
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in base.items()}  # full, not shards
+        assert any(not torch.equal(got[k], base[k]) for k in base)

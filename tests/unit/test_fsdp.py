@@ -42,9 +42,27 @@ def _cfg(model_dir: str, strategy: str):
         "sampler": {"policy": "round_robin"},
         "loss": {"retrieval": {"temperature": 0.05, "negatives": 1}},
         "train": {"max_steps": 3, "lr": 1e-3, "warmup_ratio": 0.0, "checkpoint_every": 0, "log_every": 1,
-                  "grad_clip": 1.0},
+                  "grad_clip": 0.05},  # below every step's gradient norm: clipping (over sharded grads) acts
         "scaling": {"num_workers": WORLD, "strategy": strategy},
     })
+
+
+def _first_grad_norm(model_dir: str) -> float:
+    """The gradient norm of step 0 under DDP (what clipping compares with grad_clip)."""
+    import random as _random
+
+    from codiemb.model.encoder import Encoder
+    from codiemb.train.loop import DistContext, EncoderStep, retrieval_loss, wrap_for_ddp
+
+    cfg = _cfg(model_dir, "ddp")
+    enc = Encoder.load(model_dir).train()
+    ctx = DistContext(rank=dist.get_rank(), world_size=WORLD)
+    ctx.model = wrap_for_ddp(enc, ctx)
+    td = _tasks()[0]
+    idx = list(range(ctx.rank * 4, ctx.rank * 4 + 4))
+    loss, _, _ = retrieval_loss(enc, None, td, cfg, ctx, _random.Random(0), idx=idx)
+    loss.backward()
+    return float(torch.nn.utils.clip_grad_norm_(enc.parameters(), float("inf")))
 
 
 def _worker(rank: int, init_file: str, out: str, model_dir: str) -> None:
@@ -61,6 +79,7 @@ def _worker(rank: int, init_file: str, out: str, model_dir: str) -> None:
                         ctx=DistContext(rank=rank, world_size=WORLD), stop_after=stop)
             runs[name if stop is None else "stopped"] = {"steps": res.steps, "resumed_from": res.resumed_from,
                                                          "grad_sync": res.grad_sync, "losses": res.final_losses}
+        runs["unclipped_norm"] = _first_grad_norm(model_dir)
         (out_dir / f"rank{rank}.json").write_text(json.dumps(runs))
     finally:
         dist.barrier()
@@ -72,6 +91,7 @@ def test_fsdp_equals_ddp_and_resumes_from_gathered_checkpoint(nodrop_model_dir, 
     runs = json.loads((tmp_path / "rank0.json").read_text())
     assert runs["ddp"]["grad_sync"] == "DistributedDataParallel"
     assert runs["fsdp"]["grad_sync"].startswith("FSDP")
+    assert runs["unclipped_norm"] > 2 * _cfg(str(nodrop_model_dir), "ddp").train.grad_clip  # so clipping changed the updates
     assert runs["stopped"]["steps"] == 2 and runs["resumed"]["resumed_from"] == 2 and runs["resumed"]["steps"] == 3
 
     ddp = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
