@@ -180,3 +180,17 @@ def test_unserved_dataset_is_a_config_error(tmp_path, tiny_model_dir, teacher_di
     cfg = _cfg(tmp_path, tiny_model_dir, teacher_dir, **{"loss.distill.teachers.0.tasks": "[sts]"})
     with pytest.raises(ConfigError, match="dataset 'ret'.*no teacher serves it"):
         load_task_data(cfg)
+
+
+def test_config_rejects_margin_mse_for_sts_and_an_empty_teacher_list():
+    from codiemb.config import load_config
+    from codiemb.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="margin_mse needs"):
+        load_config(None, ["loss.distill={teachers: [{model: mpnet}], form: {sts: margin_mse}}"])
+    with pytest.raises(ConfigError, match="loss.distill.teachers"):
+        load_config(None, ["loss.distill={teachers: []}"])
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "codiemb-minilm-distill.yaml")
+    assert cfg.loss.distill.teachers[0].model == "mpnet" and cfg.loss.distill.form == {"retrieval": "kl", "sts": "cosine_mse"}
