@@ -145,10 +145,37 @@ class MatryoshkaConfig(Strict):
     layer_kl_weight: float = 1.0
 
 
+class DistillTeacherConfig(Strict):
+    model: str  # alias (e.g. mpnet) or folder
+    tasks: list[str] = ["sts", "retrieval"]  # the tasks (or dataset names) whose batches this teacher serves
+    weight: float = Field(1.0, gt=0)  # its share when several teachers serve one batch (scores averaged)
+    pooling: Literal["mean", "cls", "last_token"] | None = None  # None: the folder's own
+    max_length: MaxLength | None = None  # None: model.max_length
+    batch_size: int = Field(64, ge=1)  # texts per teacher forward when scoring
+
+
+class DistillConfig(Strict):
+    """Teacher distillation (losses/distill.py); the teachers' embeddings of every training text
+    are computed once beside the token shards (data/teacher.py), never in the training step."""
+
+    teachers: list[DistillTeacherConfig] = Field(min_length=1)
+    weights: dict[str, float] = {"retrieval": 1.0, "sts": 1.0}  # per task or dataset name; 0 / absent: off
+    form: dict[str, Literal["kl", "margin_mse", "cosine_mse"]] = {"retrieval": "kl", "sts": "cosine_mse"}
+    student_temperature: float = Field(0.05, gt=0)
+    teacher_temperature: float = Field(0.05, gt=0)
+
+    @model_validator(mode="after")
+    def _forms(self) -> "DistillConfig":
+        if self.form.get("sts") == "margin_mse":
+            raise ValueError("form.sts: margin_mse needs (query, positive, negative) rows; use cosine_mse or kl")
+        return self
+
+
 class LossConfig(Strict):
     retrieval: RetrievalLossConfig = RetrievalLossConfig()
     sts: StsLossConfig = StsLossConfig()
     matryoshka: MatryoshkaConfig | None = None
+    distill: DistillConfig | None = None  # e.g. {teachers: [{model: mpnet}]}
     task_weights: dict[str, float] = {}  # optional per-task (sts/retrieval) multipliers
 
 

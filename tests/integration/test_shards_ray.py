@@ -79,3 +79,31 @@ def test_shards_on_s3_are_built_by_ray_and_read_through_the_cache(ray_local, s3_
     plain = build_shards(spec, str(tmp_path / "plain"))
     assert (n, first, last) == (1500, plain.store.sts_row(0)[2], plain.store.sts_row(1499)[2])
     assert list((tmp_path / "worker-cache" / "shards").rglob("tokens.npy"))  # downloaded once, memory-mapped
+
+
+def test_teacher_vectors_scored_by_ray_data_equal_the_local_ones(ray_local, tmp_path, tiny_model_dir, shared_data,
+                                                                 monkeypatch):
+    """loss.distill's teacher vectors: Ray Data's actor pool (one shard per call) writes what the
+    in-process scorer writes, for the same rows in the same order; a second build reuses them."""
+    import numpy as np
+
+    from codiemb.config import DistillTeacherConfig
+    from codiemb.data import build as build_mod
+    from codiemb.data.teacher import build_teacher_scores
+    from tests.conftest import build_tiny_bert
+
+    monkeypatch.setattr(build_mod, "BLOCK_ROWS", 256)  # several shards
+    teacher = DistillTeacherConfig(model=str(build_tiny_bert(tmp_path / "teacher", hidden=48, layers=1, seed=5)))
+    spec = ShardSpec(name="sf", path=str(shared_data / "train" / "qp" / "scifact" / "scifact_train_pairs_nodev.jsonl"),
+                     task="retrieval", model=str(tiny_model_dir), max_length=LENGTHS)
+    out = {}
+    for how in ("ray", "local"):
+        root = str(tmp_path / f"{how}-shards")
+        student = build_shards(spec, root, use_ray=how == "ray").store
+        out[how] = build_teacher_scores(student, spec, teacher, root, use_ray=how == "ray", concurrency=2)
+    assert out["ray"].manifest["built_with"] == "ray" and len(out["ray"].shards) > 2
+    rows = list(range(0, len(out["local"]), 7))
+    pos = np.tile(np.array([[0, 1]]), (len(rows), 1))
+    assert np.allclose(out["ray"].vectors(rows, pos), out["local"].vectors(rows, pos), atol=2e-3)
+    again = build_teacher_scores(student, spec, teacher, str(tmp_path / "local-shards"))
+    assert again.set_dir == out["local"].set_dir and again.manifest["seconds"] == out["local"].manifest["seconds"]

@@ -64,6 +64,7 @@ class RetrievalPick:
     slots: np.ndarray  # (B, m+n) bool
     pool_starts: list[int]
     passage_pool_starts: list[int] = None  # type: ignore[assignment]
+    positions: np.ndarray | None = None  # (B, m+n) int64: each slot's text position in its row (1.. ; -1 empty)
 
     def __post_init__(self):
         if self.passage_pool_starts is None:
@@ -79,6 +80,7 @@ def pick_retrieval(store, idx: list[int], m: int, n: int, rng: random.Random) ->
     chosen with ``rng`` (row by row, positives then negatives: the loop's order on every path)."""
     queries, passages, starts, p_starts = [], [], [], []
     slots = np.zeros((len(idx), m + n), dtype=bool)
+    positions = np.full((len(idx), m + n), -1, dtype=np.int64)
     for b, i in enumerate(idx):
         q, pos, neg, start = store.retrieval_row(int(i))
         queries.append(q)
@@ -93,7 +95,9 @@ def pick_retrieval(store, idx: list[int], m: int, n: int, rng: random.Random) ->
             p_starts += [0] * (len(chosen_p) + len(chosen_n))
         slots[b, : len(chosen_p)] = True
         slots[b, m: m + len(chosen_n)] = True
-    return RetrievalPick(queries, passages, slots, starts, p_starts)
+        positions[b, : len(chosen_p)] = [1 + j for j in chosen_p]
+        positions[b, m: m + len(chosen_n)] = [1 + len(pos) + j for j in chosen_n]
+    return RetrievalPick(queries, passages, slots, starts, p_starts, positions)
 
 
 def with_pool_mask(features: dict[str, torch.Tensor], pool_starts: list[int]) -> dict[str, torch.Tensor]:

@@ -65,6 +65,7 @@ class TaskData:
     num_positives: int = 1
     num_negatives: int = 0
     store: Any = None  # codiemb.data.shards.ShardStore (at most the dataset's max_rows rows: part of its key)
+    teachers: list = field(default_factory=list)  # [(data.teacher.TeacherScores, weight)]: loss.distill
     # per-dataset state (in-memory store for records, decisions, the unpadded module); not data
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -94,6 +95,12 @@ def load_task_data(cfg: Config, quarantine_dir: str | Path | None = None, *, use
                            concurrency=cfg.data.build_concurrency)
         counts[ds.name] = dict(res.counts, shards=res.set_dir)  # stable across resumes (MLflow params)
         tasks.append(make_task_data(cfg, ds, store=res.store))
+        if cfg.loss.distill is not None:  # teacher vectors: computed once beside the shards, then reused
+            from codiemb.train.distill import attach_teachers
+
+            dirs = attach_teachers(cfg, tasks[-1], spec_for(cfg, ds), root, use_ray=use_ray)
+            if dirs:
+                counts[ds.name]["teachers"] = dirs
     return tasks, counts
 
 
@@ -548,6 +555,12 @@ def retrieval_loss(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, 
         loss = loss_fn(q, p)
     negatives_seen = b * ctx.world_size * (1 + n) - 1 if gather else b * (1 + n) - 1
     extra = {"negatives_per_query": float(negatives_seen), "empty_slots": float((~pick.slots).sum())}
+    if td.teachers and idx is not None:  # loss.distill: the teacher's in-batch similarities, looked up
+        from codiemb.train.distill import retrieval_term
+
+        d_loss, d_weight = retrieval_term(cfg, td, ids, pick, q, p)
+        loss = loss + d_weight * d_loss
+        extra["distill"] = float(d_loss.detach())
     return loss, extra, tokens
 
 
@@ -597,6 +610,12 @@ def sts_loss_step(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, c
         parts = parts_box
     else:
         loss, parts = sts_loss(e1, e2, y, w, mid1=mid1, mid2=mid2, score_range=td.score_range, gather=gather)
+    if td.teachers and idx is not None:  # loss.distill: the teacher's cosine of each pair, looked up
+        from codiemb.train.distill import sts_term
+
+        d_loss, d_weight = sts_term(cfg, td, ids, e1, e2)
+        loss = loss + d_weight * d_loss
+        parts = dict(parts, distill=float(d_loss.detach()))
     return loss, parts, int(feats["attention_mask"].sum())
 
 

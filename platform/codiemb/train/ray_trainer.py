@@ -163,11 +163,18 @@ def _watch_stop(flag, done: threading.Event) -> threading.Thread:
     return t
 
 
-def open_tasks(cfg: Config, shard_sets: dict[str, str]) -> list[TaskData]:
-    """Every configured dataset's TaskData over its shard set (opened, not read)."""
+def open_tasks(cfg: Config, shard_sets: dict[str, str], data_counts: dict | None = None) -> list[TaskData]:
+    """Every configured dataset's TaskData over its shard set (opened, not read), with the teacher
+    vectors the driver built (``data_counts[name]["teachers"]``) when ``loss.distill`` is on."""
     from codiemb.data.shards import ShardStore
+    from codiemb.train.distill import open_teachers
 
-    return [make_task_data(cfg, ds, store=ShardStore.open(shard_sets[ds.name])) for ds in cfg.data.datasets]
+    tasks = [make_task_data(cfg, ds, store=ShardStore.open(shard_sets[ds.name])) for ds in cfg.data.datasets]
+    for td in tasks:
+        dirs = ((data_counts or {}).get(td.name) or {}).get("teachers")
+        if dirs and cfg.loss.distill is not None:
+            open_teachers(td, dirs, cfg)
+    return tasks
 
 
 def _rank_placement(world: int) -> list[dict]:
@@ -205,7 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("stop_flag") is not None:  # rank 0 asks the driver; the loop's all_reduce tells the rest
         ctx.should_stop = _stop_poller(config["stop_flag"]) if rank == 0 else (lambda: False)
 
-    tasks = open_tasks(cfg, config["shard_sets"])
+    tasks = open_tasks(cfg, config["shard_sets"], config.get("data_counts"))
 
     resume_from = None
     run_id = config.get("mlflow_run_id")

@@ -112,7 +112,7 @@ def loss_trial_worker(config: dict) -> None:
     from codiemb.train.ray_trainer import _prepare_ddp
 
     ctx = DistContext(rank=rank, world_size=world, device=ray.train.torch.get_device(), prepare_model=_prepare_ddp)
-    tasks = open_tasks(cfg, config["shard_sets"])
+    tasks = open_tasks(cfg, config["shard_sets"], config.get("data_counts"))
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
         from codiemb.tracking.mlflow_run import SafeLogger
