@@ -131,8 +131,11 @@ def stage(name: str, total: float | None = None, unit: str = "it", **kwargs):
     if not _isatty(_terminal):
         interval = float(os.environ.get("CODIEMB_PROGRESS_INTERVAL", "60"))
         return _LineBar(desc, total, unit, _terminal, interval)
-    return tqdm(total=total, desc=desc, unit=unit, file=_terminal, dynamic_ncols=True, leave=True,
-                mininterval=0.5, **kwargs)
+    # a terminal that reports no width (a pty made without a size: some CI runners, `script`)
+    # would get empty bars from dynamic_ncols: give those a fixed width
+    width = _columns(_terminal)
+    return tqdm(total=total, desc=desc, unit=unit, file=_terminal, dynamic_ncols=width > 0,
+                ncols=None if width > 0 else 100, leave=True, mininterval=0.5, **kwargs)
 
 
 def note(message: str) -> None:
@@ -142,6 +145,13 @@ def note(message: str) -> None:
         from tqdm import tqdm
 
         tqdm.write(message, file=_terminal)
+
+
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def _isatty(stream) -> bool:

@@ -164,3 +164,37 @@ def test_pipeline_text_puts_the_decision_before_the_test_report():
     test = next(i for i, l in enumerate(lines) if "| stsb | test |" in l)
     assert "suite `dev`" in lines[gate] and gate < test
     assert any("after the decision" in l for l in lines[gate:test])
+
+
+def test_a_terminal_without_a_width_still_gets_the_bar(tmp_path):
+    """On a TTY the stage is a redrawn tqdm bar; a pty that reports 0 columns gets a fixed width."""
+    import pty
+
+    master, slave = pty.openpty()  # made without a size: 0 x 0
+    script = textwrap.dedent("""
+        import sys
+        from codiemb import console
+        with console.routed(sys.argv[1], "demo"):
+            with console.stage("train demo", total=3, unit="step") as bar:
+                bar.update(3)
+            print("library noise")
+    """)
+    e = {**os.environ, "PYTHONPATH": PLATFORM}
+    e.pop("CODIEMB_VERBOSE", None)
+    e.pop("CODIEMB_NO_PROGRESS", None)
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run")], stdout=slave, stderr=slave, env=e)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(timeout=60) == 0
+    os.close(master)
+    text = out.decode("utf-8", "replace")
+    assert "train demo" in text and "3/3" in text and "library noise" not in text
+    assert "library noise" in (tmp_path / "run" / "console.log").read_text()
