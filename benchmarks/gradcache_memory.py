@@ -17,7 +17,12 @@ so no setting inherits another's allocator state:
 
 Memory: on CPU the process's resident set (RSS): the kernel's peak (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` just before the step and read after it; reported is that peak minus
-the RSS just before the step (the model, the grads, the tokenized rows are in both). On a GPU
+the RSS just before the step (the model, the grads, the tokenized rows are in both). Every
+setting runs with the same fixed glibc mmap threshold (``--malloc-mmap-threshold``, default 128
+KiB): glibc's default threshold is dynamic, it grows up to 32 MiB after large blocks are freed,
+and then freed activations stay in the heap, fragmented, so the RSS peak measured the allocator's
+retention as much as the step (with GradCache's many equal chunks: 1.62x from 64 to 512 here,
+for a live peak that is flat; ``--malloc-mmap-threshold 0`` reproduces that). On a GPU
 (``--device cuda``): ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the step.
 Also printed: the step's seconds and its loss (dropout is on, as in training, so with and
 without GradCache the losses differ by the dropout masks only; equality with dropout off is
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--forward", default="auto", choices=["auto", "padded", "unpadded"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                    help="glibc MALLOC_MMAP_THRESHOLD_ for every setting (0: glibc's dynamic default)")
     ap.add_argument("--json")
     ap.add_argument("--child", nargs=2, type=int, metavar=("BATCH", "MINI_BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -159,6 +166,8 @@ def main(argv=None) -> int:
                                         heads=max(1, args.hidden // 32)))
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    OMP_NUM_THREADS=str(args.threads))
+        if args.malloc_mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "platform"), env.get("PYTHONPATH")) if p)
         results = []
         for mb in args.mini_batch:
@@ -176,7 +185,8 @@ def main(argv=None) -> int:
 
     name = args.model or f"random BERT, hidden {args.hidden}, {args.layers} layers"
     print(f"\nmodel: {name}; device {args.device}; forward {args.forward}; threads {args.threads}; "
-          f"memory: {results[0]['memory']}, above its value just before the step")
+          f"memory: {results[0]['memory']}, above its value just before the step; "
+          f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default (dynamic)'}")
     print("\n| batch | mini_batch_size | step peak (MiB) | step s | loss |\n|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['batch']} | {r['mini_batch_size'] or 'none'} | {r['step_peak_mib']:.1f} | {r['seconds']:.1f} | {r['loss']:.6f} |")
