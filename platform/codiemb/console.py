@@ -194,7 +194,9 @@ def routed(log_dir: str | os.PathLike, command: str, *, verbose: bool = False) -
     except BaseException:
         import traceback
 
-        traceback.print_exc()  # into the log file
+        sys.stderr.flush()
+        with open(log_path, "a", encoding="utf-8") as fh:  # the log file itself, not whatever sys.stderr is now
+            traceback.print_exc(file=fh)
         raise
     finally:
         sys.stdout.flush()
