@@ -95,6 +95,26 @@ _REMOTE_READY = ".codiemb-fetched"  # written last inside a folder fetched from 
 _CHUNK = 1 << 20
 
 
+#: What a process on another node needs to read like the driver: the model cache, the storage endpoint,
+#: the offline switches, and the tests' fault injection. Forwarded as a Ray ``runtime_env`` to Train
+#: workers and to the Ray Data actors that load models (shard build, teacher scoring), because a
+#: cluster started before these were set (or on another machine) does not have them.
+WORKER_ENV = ("CODIEMB_FAIL_AT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CODIEMB_NO_PROGRESS", "CODIEMB_SKIP_DEV",
+              "CODIEMB_DATA", "CODIEMB_KILL_AT", "CODIEMB_ROW_TRACE", "CODIEMB_CACHE", "CODIEMB_S3_ENDPOINT")
+
+
+def worker_env() -> dict[str, str]:
+    """The driver's values of :data:`WORKER_ENV` (those that are set)."""
+    return {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+
+
+def actor_runtime_env() -> dict:
+    """``{"runtime_env": {"env_vars": worker_env()}}`` to pass as ``map_batches(**actor_runtime_env())``;
+    empty when nothing is set."""
+    env = worker_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def cache_dir() -> Path:
     """Where assembled models live: ``$CODIEMB_CACHE/models``, else ``$XDG_CACHE_HOME/codiemb/models``
     (``~/.cache/codiemb/models``)."""

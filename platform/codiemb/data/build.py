@@ -189,6 +189,8 @@ def _ray_results(spec: ShardSpec, fs, files: list[str], found: str, set_dir: str
                  score_range) -> Iterator[dict]:
     import ray
 
+    from codiemb.paths import actor_runtime_env
+
     from codiemb.data.readers import RawRowsDatasource
 
     prefix = "s3://" if fs.type_name == "s3" else ""
@@ -203,7 +205,7 @@ def _ray_results(spec: ShardSpec, fs, files: list[str], found: str, set_dir: str
         fn_constructor_args=(spec.model, spec.task, _lengths(spec), score_range, spec.instruction, sfs, sroot,
                              file_index, spec.tokenizer_setup),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, concurrency)), num_cpus=1,
-        udf_modifying_row_count=True)
+        udf_modifying_row_count=True, **actor_runtime_env())
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
         yield from batch.to_pylist()
 

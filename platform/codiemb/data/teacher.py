@@ -180,12 +180,14 @@ def build_teacher_scores(student: ShardStore, spec, teacher, shards_root: str, *
 def _score_with_ray(teacher, tokens_dir: str, out: str, names: list[str], concurrency: int) -> list[dict]:
     import ray
 
+    from codiemb.paths import actor_runtime_env
+
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     ds = ray.data.from_items([{"shard": n} for n in names])
     res = ds.map_batches(TeacherShardScorer, batch_size=1, batch_format="pyarrow",
                          fn_constructor_args=(teacher.model, teacher.pooling, tokens_dir, out, teacher.batch_size),
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(concurrency))),
-                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
+                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, **actor_runtime_env())
     return [r for b in res.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
 
 

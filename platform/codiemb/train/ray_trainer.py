@@ -349,13 +349,17 @@ def build_shards_with_ray(cfg: Config, quarantine_dir: Path) -> tuple[dict[str, 
 
 
 def _storage(cfg: Config):
-    """``storage_path`` and, for ``s3://`` with a custom endpoint, a pyarrow filesystem."""
+    """``storage_path`` and, for ``s3://`` with a custom endpoint (``storage.endpoint_url``, or the
+    driver's ``CODIEMB_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL[_S3]``), a pyarrow filesystem: Ray Train's
+    controller runs in its own actor, which may not have the driver's environment."""
     path = cfg.storage.path
     if path.startswith("s3://"):
-        if cfg.storage.endpoint_url:
+        if cfg.storage.endpoint_url or any(os.environ.get(k) for k in ("CODIEMB_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3",
+                                                                       "AWS_ENDPOINT_URL")):
             from codiemb.data.local import open_filesystem
 
-            os.environ.setdefault("CODIEMB_S3_ENDPOINT", cfg.storage.endpoint_url)
+            if cfg.storage.endpoint_url:
+                os.environ.setdefault("CODIEMB_S3_ENDPOINT", cfg.storage.endpoint_url)
             fs, stripped = open_filesystem(path)
             return stripped, fs
         return path, None
@@ -414,9 +418,9 @@ def train_on_ray(cfg: Config, *, resume: bool = True, mlflow_run_id: str | None 
         if storage_fs is None and run_dir.exists():
             shutil.rmtree(run_dir)
 
-    env = {k: os.environ[k] for k in ("CODIEMB_FAIL_AT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                                      "CODIEMB_NO_PROGRESS", "CODIEMB_SKIP_DEV", "CODIEMB_DATA",
-                                      "CODIEMB_KILL_AT", "CODIEMB_ROW_TRACE", "CODIEMB_CACHE", "CODIEMB_S3_ENDPOINT") if k in os.environ}
+    from codiemb.paths import worker_env
+
+    env = worker_env()
     fail_marker_dir = None
     if storage_fs is None and not storage_path.startswith("s3://"):
         fail_marker_dir = str(Path(storage_path) / cfg.run.name)
