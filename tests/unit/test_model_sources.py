@@ -55,3 +55,11 @@ def test_hub_id_offline_and_not_cached_is_one_clear_error(monkeypatch):
     with pytest.raises(ModelError, match="nor in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids the hub") as err:
         resolve_model("some-org/no-such-model")
     assert "\n" not in str(err.value)
+
+
+def test_hub_id_is_not_downloaded_without_the_explicit_switch(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("CODIEMB_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(ModelError, match="set CODIEMB_ALLOW_DOWNLOAD=1") as err:
+        resolve_model("some-org/no-such-model")
+    assert "\n" not in str(err.value)
