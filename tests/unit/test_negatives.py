@@ -182,7 +182,7 @@ def test_existing_negatives_are_scored_and_the_torch_index_agrees(tiny_model_dir
 
 
 def test_a_teacher_rescores_and_its_scores_decide(tiny_model_dir, tmp_path):
-    from conftest import build_tiny_bert
+    from tests.conftest import build_tiny_bert
 
     from codiemb.data.negatives import CrossEncoderScorer, EncoderScorer, load_teacher
 
