@@ -211,8 +211,11 @@ def _ray_results(spec: ShardSpec, fs, files: list[str], found: str, set_dir: str
 
 
 def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, quarantine_path: str | None = None,
-                 concurrency: int = 2, rebuild: bool = False) -> BuildResult:
-    """The shard set of ``spec`` under ``shards_root`` (built now, or reused); see the module docstring."""
+                 concurrency: int = 2, rebuild: bool = False, ray_min_bytes: int = 0) -> BuildResult:
+    """The shard set of ``spec`` under ``shards_root`` (built now, or reused); see the module docstring.
+
+    ``ray_min_bytes``: with ``use_ray``, inputs smaller than this many bytes are built in this process
+    instead (same shard set; the actor pool's start-up would cost more than the pass)."""
     from codiemb.data.tokenize import load_tokenizer
 
     t0 = time.perf_counter()
@@ -244,6 +247,10 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
 
     if sfs.type_name == "local" and os.path.isdir(set_dir):
         shutil.rmtree(set_dir)  # a partial earlier build (no manifest)
+    total_bytes = sum(size for _, size, _ in key_files)
+    if use_ray and found != "beir" and total_bytes < ray_min_bytes:
+        log.info("%s: %.1f MB, under data.ray_build_min_mb: tokenized in this process", source, total_bytes / 2**20)
+        use_ray = False
     tokenizer = load_tokenizer(spec.model, **(spec.tokenizer_setup or {}))
     counts = {"read": 0, "valid": 0, "quarantined": 0}
     first_bad: BadRow | None = None

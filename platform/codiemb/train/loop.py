@@ -92,7 +92,8 @@ def load_task_data(cfg: Config, quarantine_dir: str | Path | None = None, *, use
             qdir.mkdir(parents=True, exist_ok=True)
             qpath = str(qdir / f"quarantine-{ds.name}.jsonl")
         res = build_shards(spec_for(cfg, ds), root, use_ray=use_ray, quarantine_path=qpath,
-                           concurrency=cfg.data.build_concurrency)
+                           concurrency=cfg.data.build_concurrency,
+                           ray_min_bytes=int(cfg.data.ray_build_min_mb * 2**20))
         counts[ds.name] = dict(res.counts, shards=res.set_dir)  # stable across resumes (MLflow params)
         tasks.append(make_task_data(cfg, ds, store=res.store))
         if cfg.loss.distill is not None:  # teacher vectors: computed once beside the shards, then reused
