@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Callable
 
-from codiemb.errors import UserError
+from codiemb.errors import ConfigError, UserError
 from codiemb.train.stop import EXIT_CODE as STOPPED_EXIT_CODE
 from codiemb.train.stop import TrainingStopped
 
@@ -73,6 +73,24 @@ def cmd_data_mine_negatives(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- evaluate
+def _token_prepending_arg(pairs: list[str] | None):
+    """``--token-prepending [KEY=VALUE ...]`` -> a validated ``model.token_prepending`` block (None: not given)."""
+    if pairs is None:
+        return None
+    import yaml
+
+    from codiemb.config import TokenPrependingConfig, config_from_dict
+
+    block: dict = {"enabled": True}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in TokenPrependingConfig.model_fields or key == "enabled":
+            raise ConfigError(f"--token-prepending {pair!r}: expected KEY=VALUE with KEY one of "
+                              + ", ".join(k for k in TokenPrependingConfig.model_fields if k != "enabled"))
+        block[key] = yaml.safe_load(value) if key != "template" else value
+    return config_from_dict({"model": {"token_prepending": block}}, "--token-prepending").model.token_prepending
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from codiemb.evaluate.report import markdown_table
     from codiemb.evaluate.suites import evaluate_model
@@ -80,7 +98,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     retrieval = {"index": args.index, "storage": args.index_storage, "chunk_size": args.chunk_size,
                  "use_ray": args.ray}
     results = evaluate_model(args.model, suite=args.suite, data_dir=args.data_dir,
-                             batch_size=args.batch_size, show_progress=not args.json, retrieval_options=retrieval)
+                             batch_size=args.batch_size, show_progress=not args.json, retrieval_options=retrieval,
+                             token_prepending=_token_prepending_arg(args.token_prepending))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -324,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-storage", default="float32", choices=["float32", "float16"],
                    help="corpus embeddings in the index (float16: half the memory)")
     p.add_argument("--chunk-size", type=int, default=16384, help="corpus documents read and embedded per chunk")
+    p.add_argument("--token-prepending", nargs="*", metavar="KEY=VALUE", default=None,
+                   help="decoders: Token Prepending on (last-token pooling), e.g. --token-prepending end_layer=7 "
+                        "output_layer=-2; keys as model.token_prepending's")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="embedding geometry: anisotropy, effective rank, alignment, uniformity, histograms")

@@ -49,6 +49,26 @@ class Instructions(Strict):
     sts: str | None = None  # both STS sentences
 
 
+class TokenPrependingConfig(Strict):
+    """Token Prepending (Fu et al. 2024, arXiv 2412.11556; ``model/token_prepending.py``), training-free:
+    applied by ``Encoder.encode`` and evaluation, refused by training. Causal decoders with last-token pooling."""
+
+    enabled: bool = False
+    start_layer: int = Field(1, ge=1)  # the placeholder's input to 0-based decoder layer l, start_layer <= l < end_layer,
+    end_layer: int = Field(7, ge=2)    # is the last-token output of layer l-1 (the paper's Llama-2-7B range: 1, 7)
+    template: str | None = 'This sentence : "{text}" means in one word:"'  # PromptEOL; null: the bare text
+    output_layer: int | None = None  # hidden_states index (0 embeddings .. num_layers; negative from the end); null: last
+    placeholder: str | None = None  # a token of the vocabulary; null: a stand-in with the mean embedding (no new vocab row)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokenPrependingConfig":
+        if self.end_layer <= self.start_layer:
+            raise ValueError(f"end_layer ({self.end_layer}) must exceed start_layer ({self.start_layer})")
+        if self.template is not None and self.template.count("{text}") != 1:
+            raise ValueError(f"template must hold '{{text}}' exactly once: {self.template!r}")
+        return self
+
+
 class ModelConfig(Strict):
     name: str = "minilm"  # alias, local folder, s3:// (or any pyarrow filesystem URI) folder, or (network permitting) hub id
     pooling: Literal["mean", "cls", "last_token", "latent_attention"] | None = None  # None: the folder's own
@@ -62,6 +82,7 @@ class ModelConfig(Strict):
     append_eos: bool | None = None
     bidirectional: bool | None = None
     instructions: Instructions = Instructions()  # None fields: the saved model's own prompts (if any)
+    token_prepending: TokenPrependingConfig = TokenPrependingConfig()  # decoders: training-free, encode/evaluate only
 
 
 # --------------------------------------------------------------------------- data

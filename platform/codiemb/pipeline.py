@@ -85,6 +85,10 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
         from codiemb.tracking.registry import check_gate_suite
 
         check_gate_suite(cfg.registry.gate.suite if cfg.registry else "dev")
+    if "train" in stages or "tune" in stages:  # training-free: its evaluation of merged models is below
+        from codiemb.train.loop import refuse_token_prepending
+
+        refuse_token_prepending(cfg)
     root = output_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -161,11 +165,14 @@ def run_pipeline(cfg: Config, *, local: bool = False, resume: bool = True) -> Pi
         evaluation = dev_evaluation = None
         dev_summary: dict[str, float] = {}
 
+        tp = cfg.model.token_prepending
+
         def run_eval(suite: str, label: str) -> dict:
             with console.stage(f"evaluate {label}", unit="text") as bar:
                 bar.set_postfix_str(f"suite {suite}")
                 return evaluate_model(final, suite=suite, data_dir=cfg.data.root, show_progress=False,
-                                      cache_dir=cache_dir, progress=bar)
+                                      cache_dir=cache_dir, progress=bar,
+                                      token_prepending=tp if tp.enabled else None)
 
         def report_test() -> None:  # reported, never used to choose (after the gate when there is one)
             nonlocal evaluation

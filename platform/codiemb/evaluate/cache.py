@@ -24,6 +24,7 @@ Imports numpy and torch only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -68,6 +69,9 @@ def model_fingerprint(encoder) -> str:
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(f"pooling={encoder.pooling}|normalize={encoder.normalize}".encode())
     h.update(tokenizer_identity(encoder.tokenizer).encode())
+    tp = getattr(encoder, "token_prepending", None)  # Token Prepending changes every embedding (off: key unchanged)
+    if tp is not None:
+        h.update(("token_prepending=" + json.dumps(dataclasses.asdict(tp), sort_keys=True)).encode())
     return h.hexdigest()[:24]
 
 

@@ -70,10 +70,12 @@ SUITES: dict[str, tuple[Task, ...]] = {
 MAX_LENGTH_KEYS = ("sts", "query", "passage")
 
 
-def _load_encoder(model, device):
+def _load_encoder(model, device, token_prepending=None):
     from codiemb.model.encoder import Encoder
 
     if isinstance(model, Encoder):
+        if token_prepending is not None:
+            raise ModelError("token_prepending: pass a model name or folder, or build the Encoder with it")
         return model, model.name_or_path or "encoder"
     name = str(model)
     path = name
@@ -85,13 +87,15 @@ def _load_encoder(model, device):
         path = str(resolve_model_uri(name))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Encoder.load(path, device=device), name
+    if token_prepending is None:
+        return Encoder.load(path, device=device), name
+    return Encoder.load(path, device=device, pooling="last_token", token_prepending=token_prepending), name
 
 
 def evaluate_model(model, suite: str = "default", data_dir: str | os.PathLike | None = None,
                    batch_size: int = 64, show_progress: bool = True, max_length: dict | None = None,
                    device=None, retrieval_options: dict | None = None, cache_dir: str | os.PathLike | None = None,
-                   progress=None) -> dict:
+                   progress=None, token_prepending=None) -> dict:
     """Evaluate a model (alias, folder, ``models:/NAME@ALIAS``, or an ``Encoder``) on a named suite.
 
     ``max_length`` may set ``sts``, ``query`` and ``passage`` token limits; each defaults to the
@@ -103,6 +107,9 @@ def evaluate_model(model, suite: str = "default", data_dir: str | os.PathLike | 
     model on the same corpus (dev and test qrels of one BEIR folder, or a second evaluation) embeds
     it once. ``progress``: a tqdm-like bar; its ``total`` is set to the texts this suite embeds
     (sentences, queries, documents) and it moves as they are embedded (or read from the cache).
+
+    ``token_prepending`` (``model.token_prepending``'s block, a dict, or a ``TokenPrepending``):
+    load the model with Token Prepending on (last-token pooling); the cache keys include it.
     """
     from codiemb.data.beir import load_beir
     from codiemb.evaluate.retrieval import evaluate_retrieval
@@ -116,7 +123,7 @@ def evaluate_model(model, suite: str = "default", data_dir: str | os.PathLike | 
         raise ConfigError(f"max_length: unknown key(s) {sorted(unknown)}; allowed: {', '.join(MAX_LENGTH_KEYS)}")
     t0 = time.perf_counter()
     root = resolve_data_dir(data_dir)
-    encoder, name = _load_encoder(model, device)
+    encoder, name = _load_encoder(model, device, token_prepending)
     lengths = {k: int((max_length or {}).get(k) or encoder.max_seq_length) for k in MAX_LENGTH_KEYS}
 
     cache = None

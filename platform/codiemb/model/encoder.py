@@ -29,6 +29,11 @@ prefixes (the ones it was trained with; evaluation uses them). They are saved as
 sentence-transformers ``prompts`` (``query``, ``document``, ``sts``), so
 ``SentenceTransformer(path).encode(texts, prompt_name="query")`` embeds as
 ``encoder.encode(texts, instruction=encoder.instructions["query"])``.
+
+Token Prepending (``token_prepending``, ``codiemb.model.token_prepending``; decoders with last-token
+pooling, training-free): ``tokenize`` wraps each text in the template and inserts the placeholder,
+``forward`` hooks the early decoder layers for that batch and pools ``output_layer``. It is a
+run-time option: ``save`` writes the plain model (sentence-transformers knows no such step).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from torch import Tensor, nn
 from codiemb.errors import ModelError
 from codiemb.model.decoder import is_causal_backbone, prepare_tokenizer, set_bidirectional
 from codiemb.model.pooling import POOLING_KINDS, LatentAttentionPooling, pool
+from codiemb.model.token_prepending import PLACEHOLDER_KEY, TokenPrepender, TokenPrepending
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +100,16 @@ class Encoder(nn.Module):
 
     The tokenizer is prepared in place (``decoder.prepare_tokenizer``: pad token, EOS for
     last-token pooling per ``append_eos``, right padding); ``bidirectional`` (None: as the
-    backbone's config says) switches a decoder's attention.
+    backbone's config says) switches a decoder's attention. ``token_prepending`` (a
+    ``TokenPrepending``, its config block or None) turns on Token Prepending; EOS is then not
+    appended unless ``append_eos`` says so (the template's closing quote is the last token).
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, *, pooling: str = "mean", normalize: bool = True,
                  max_seq_length: int = _DEFAULT_MAX_SEQ_LENGTH, latent_pooling: LatentAttentionPooling | None = None,
                  name_or_path: str = "", instructions: dict[str, str | None] | None = None,
-                 append_eos: bool | None = None, bidirectional: bool | None = None) -> None:
+                 append_eos: bool | None = None, bidirectional: bool | None = None,
+                 token_prepending: TokenPrepending | dict | None = None) -> None:
         super().__init__()
         if pooling not in POOLING_KINDS:
             raise ModelError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLING_KINDS)}")
@@ -112,6 +121,9 @@ class Encoder(nn.Module):
         if bidirectional is not None:
             set_bidirectional(backbone, bidirectional)
         self.backbone = backbone
+        tp = TokenPrepending.from_config(token_prepending)
+        if tp is not None and append_eos is None:
+            append_eos = False  # PromptEOL: the last token is the template's closing quote, as in the paper
         self.tokenizer = prepare_tokenizer(tokenizer, pooling=pooling, append_eos=append_eos, decoder=self.is_decoder)
         self.pooling = pooling
         self.normalize = bool(normalize)
@@ -123,18 +135,22 @@ class Encoder(nn.Module):
         if pooling == "latent_attention" and latent_pooling is None:
             latent_pooling = LatentAttentionPooling(self.dim)
         self.latent_pooling = latent_pooling if pooling == "latent_attention" else None
+        self.token_prepending = tp
+        self._prepender = (TokenPrepender(tp, backbone, self.tokenizer, pooling=pooling, is_decoder=self.is_decoder)
+                           if tp is not None else None)
         self.train(backbone.training)  # from_pretrained gives eval mode; the training loop calls .train()
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
              trust_remote_code: bool = False, device=None, instructions: dict[str, str | None] | None = None,
-             append_eos: bool | None = None, bidirectional: bool | None = None) -> "Encoder":
+             append_eos: bool | None = None, bidirectional: bool | None = None,
+             token_prepending: TokenPrepending | dict | None = None) -> "Encoder":
         """Load a sentence-transformers folder or a plain HF folder (``name_or_path`` may be an alias).
 
         ``pooling`` / ``normalize`` override what the folder says; ``instructions`` override the
         folder's saved prompts kind by kind (a kind given as None keeps the folder's);
-        ``append_eos`` / ``bidirectional``: see the class. Problems raise ``ModelError``.
+        ``append_eos`` / ``bidirectional`` / ``token_prepending``: see the class. Problems raise ``ModelError``.
         """
         from transformers import AutoModel, AutoTokenizer
 
@@ -172,7 +188,8 @@ class Encoder(nn.Module):
         enc = cls(backbone, tokenizer, pooling=kind,
                   normalize=spec["normalize"] if normalize is None else normalize,
                   max_seq_length=max_len, latent_pooling=latent, name_or_path=str(name_or_path),
-                  instructions=merged, append_eos=append_eos, bidirectional=bidirectional)
+                  instructions=merged, append_eos=append_eos, bidirectional=bidirectional,
+                  token_prepending=token_prepending)
         if device is not None:
             enc.to(device)
         logger.info("loaded %s: pooling=%s normalize=%s max_seq_length=%d dim=%d layers=%d",
@@ -257,9 +274,19 @@ class Encoder(nn.Module):
         (leading special tokens included) set to 0, so mean pooling reads only the text, as in
         NV-Embed (arXiv 2405.17428) and sentence-transformers' ``include_prompt=False``. Truncation
         cuts from the right, so the instruction is always kept.
+
+        With Token Prepending each text is first put in its template (the instruction, if any,
+        goes before it), then the placeholder is inserted after BOS (or first) and the result
+        holds ``placeholder_position``; ``max_length`` counts the placeholder.
         """
         max_length = int(max_length or self.max_seq_length)
         texts = [str(t) for t in texts]
+        if self._prepender is not None:
+            tp_texts = [self.token_prepending.apply_template(t) for t in texts]
+            return self._prepender.insert(self._tokenize(tp_texts, max_length - 1, instruction))
+        return self._tokenize(texts, max_length, instruction)
+
+    def _tokenize(self, texts: list[str], max_length: int, instruction: str | None) -> dict[str, Tensor]:
         if not instruction:
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -304,8 +331,20 @@ class Encoder(nn.Module):
         inputs = {"input_ids": features["input_ids"], "attention_mask": attention_mask}
         if "token_type_ids" in features:
             inputs["token_type_ids"] = features["token_type_ids"]
-        out = self.backbone(**inputs, output_hidden_states=bool(layers), return_dict=True)
-        result = {"embedding": self._pool(out.last_hidden_state, attention_mask, pool_mask)}
+        if (PLACEHOLDER_KEY in features) != (self._prepender is not None):
+            raise ModelError("model.token_prepending is on but the batch has no placeholder (tokenize it with "
+                             "Encoder.tokenize)" if self._prepender is not None else
+                             "the batch holds a Token Prepending placeholder but this encoder has token_prepending off")
+        if self._prepender is None:
+            out = self.backbone(**inputs, output_hidden_states=bool(layers), return_dict=True)
+            last_hidden = out.last_hidden_state
+        else:  # Token Prepending: the early layers' placeholder input is hooked; pool output_layer
+            output_layer = self.token_prepending.output_layer
+            with self._prepender.applied(features[PLACEHOLDER_KEY], attention_mask):
+                out = self.backbone(**inputs, output_hidden_states=bool(layers) or output_layer is not None,
+                                    return_dict=True)
+            last_hidden = out.last_hidden_state if output_layer is None else out.hidden_states[output_layer]
+        result = {"embedding": self._pool(last_hidden, attention_mask, pool_mask)}
         if layers:
             hs = out.hidden_states
             result["layer_embeddings"] = {l: self._pool(hs[l], attention_mask, pool_mask) for l in layers}

@@ -55,6 +55,9 @@ def loss_history(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
 def train_tracked(cfg: Config, *, local: bool, resume: bool = True, nested: bool = False,
                   log_model: bool = True) -> tuple[TrainResult, str | None]:
     """Train (in this process or on Ray) inside an MLflow run; return the result and the run id."""
+    from codiemb.train.loop import refuse_token_prepending
+
+    refuse_token_prepending(cfg)  # before any shard build or Ray start
     root = output_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     if local and not cfg.train.output:

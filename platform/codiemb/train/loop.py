@@ -140,9 +140,19 @@ def make_task_data(cfg: Config, ds, records: list[dict] | None = None, score_ran
 
 def model_options(cfg: Config) -> dict:
     """``Encoder.load`` keywords of ``cfg.model`` beyond name/pooling/normalize: the model's
-    instructions (saved with it, used by evaluation), EOS appending and bidirectional attention."""
+    instructions (saved with it, used by evaluation), EOS appending and bidirectional attention.
+    (``model.token_prepending`` is not among them: training refuses it, evaluation passes it.)"""
     m = cfg.model
     return {"instructions": m.instructions.model_dump(), "append_eos": m.append_eos, "bidirectional": m.bidirectional}
+
+
+def refuse_token_prepending(cfg: Config) -> None:
+    """``model.token_prepending`` is training-free (Fu et al. 2024): the token shards hold neither its
+    template nor its placeholder, so a training step cannot run it. ConfigError when it is on."""
+    if cfg.model.token_prepending.enabled:
+        raise ConfigError("model.token_prepending is training-free: it applies when encoding and evaluating "
+                          "(codiemb evaluate MODEL --token-prepending), not in training; "
+                          "set model.token_prepending.enabled: false to train")
 
 
 def store_of(td: TaskData, encoder, cfg: Config):
@@ -655,6 +665,7 @@ def train(
     from codiemb.train import memory
     from codiemb.train.fast_batches import make_adamw
 
+    refuse_token_prepending(cfg)
     ctx = ctx or DistContext(device=torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu"))
     callbacks = callbacks or _NoCallbacks()
     out = Path(output_dir or cfg.train.output or Path(cfg.storage.path) / cfg.run.name)
