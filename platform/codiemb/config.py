@@ -88,7 +88,7 @@ class ModelConfig(Strict):
 # --------------------------------------------------------------------------- data
 class DatasetConfig(Strict):
     name: str
-    task: Literal["sts", "retrieval"]
+    task: Literal["sts", "retrieval", "unsupervised"]
     path: str  # relative paths resolve under data.root / the shared data folder; s3:// works
     format: Literal["auto", "jsonl", "parquet", "beir"] = "auto"
     score_range: tuple[float, float] | None = None  # sts: required range, e.g. [0, 5]
@@ -98,6 +98,18 @@ class DatasetConfig(Strict):
     passage_instruction: str | None = None  # retrieval positives and negatives (a row's own wins)
     max_rows: int | None = None
     negatives: int | None = Field(None, ge=0)  # retrieval: hard-negative slots per row (default loss.retrieval.negatives)
+    # unsupervised: the string fields of a row that are texts (each one a training text; other
+    # fields, e.g. an STS score, are ignored): [text] by default, [sentence1, sentence2] reads an STS file
+    text_fields: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _text_fields(self) -> "DatasetConfig":
+        if self.text_fields is not None:
+            if self.task != "unsupervised":
+                raise ValueError("text_fields is for task: unsupervised datasets")
+            if not self.text_fields or len(set(self.text_fields)) != len(self.text_fields):
+                raise ValueError(f"text_fields must be distinct field names, got {self.text_fields}")
+        return self
 
 
 class RetrievalDevConfig(Strict):
@@ -163,6 +175,28 @@ class StsLossConfig(Strict):
     mid_nce_layer: int | None = None  # None: the middle layer
 
 
+class UnsupervisedLossConfig(Strict):
+    """Unsupervised contrastive objectives on single texts (``losses/unsupervised.py``)."""
+
+    method: Literal["simcse", "whitenedcse", "debcse"] = "simcse"
+    temperature: float = Field(0.05, gt=0)
+    gather_across_workers: bool = True
+    # whitenedcse: views = dropout passes per text (view 0 the anchor, the others its positives);
+    # each view whitened over the batch with its own channel shuffle, in groups of group_size dims
+    views: int = Field(3, ge=2)
+    group_size: int = Field(6, ge=1)
+    whiten_eps: float = Field(1e-5, ge=0)
+    whiten_grad: bool = False  # backpropagate through the whitening matrix (the released code does not)
+    # debcse: the positive is a second dropout view with tokens deleted (prob delete_prob); negatives
+    # with detached cosine >= false_negative_threshold are dropped; inverse-propensity weights over
+    # surface_bins bins of surface similarity (surface_alpha * token Jaccard + (1 - alpha) * length ratio)
+    delete_prob: float = Field(0.1, ge=0, lt=1)
+    false_negative_threshold: float = Field(0.9, gt=-1, le=1)
+    surface_bins: int = Field(5, ge=1)
+    surface_alpha: float = Field(0.5, ge=0, le=1)
+    max_weight: float = Field(10.0, gt=0)
+
+
 class MatryoshkaConfig(Strict):
     dims: list[int]
     weights: list[float] | None = None
@@ -199,9 +233,10 @@ class DistillConfig(Strict):
 class LossConfig(Strict):
     retrieval: RetrievalLossConfig = RetrievalLossConfig()
     sts: StsLossConfig = StsLossConfig()
+    unsupervised: UnsupervisedLossConfig = UnsupervisedLossConfig()
     matryoshka: MatryoshkaConfig | None = None
     distill: DistillConfig | None = None  # e.g. {teachers: [{model: mpnet}]}
-    task_weights: dict[str, float] = {}  # optional per-task (sts/retrieval) multipliers
+    task_weights: dict[str, float] = {}  # optional per-task (sts/retrieval/unsupervised) multipliers
 
 
 # --------------------------------------------------------------------------- training / scaling

@@ -66,6 +66,7 @@ class ShardSpec:
     on_bad_rows: str = "fail"
     max_bad_fraction: float = 1.0
     tokenizer_setup: dict | None = None  # load_tokenizer's pooling / append_eos (the model config's)
+    text_fields: tuple[str, ...] | None = None  # unsupervised: the fields that are texts (default: text)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _lengths(spec: ShardSpec) -> dict[str, int]:
 # --------------------------------------------------------------------------- one block
 def process_block(tokenizer, spec_task: str, files: list[int], names: list[str], lines: list[int], raws: list,
                   *, score_range, max_length: dict[str, int], instruction: str | None, fs, set_dir: str,
-                  parsed: list[dict | None] | None = None) -> dict[str, Any]:
+                  parsed: list[dict | None] | None = None, text_fields=None) -> dict[str, Any]:
     """Validate, tokenize and write one block of raw rows; returns its result row (see RESULT_SCHEMA).
 
     ``files`` are file indices (the key's order), ``names`` the files' display names; rows are
@@ -107,9 +108,9 @@ def process_block(tokenizer, spec_task: str, files: list[int], names: list[str],
             if parsed is not None and parsed[k] is not None:
                 from codiemb.data.schemas import validate_row
 
-                rec = validate_row(spec_task, parsed[k], score_range)
+                rec = validate_row(spec_task, parsed[k], score_range, text_fields)
             else:
-                rec = local.check_raw(spec_task, raws[k], int(lines[k]), score_range)
+                rec = local.check_raw(spec_task, raws[k], int(lines[k]), score_range, text_fields)
         except RowError as exc:
             reject(k, exc.reason)
             continue
@@ -134,7 +135,7 @@ class ShardBlockWriter:
     """Ray Data callable class: loads the tokenizer once per actor, then runs :func:`process_block`."""
 
     def __init__(self, model: str, task: str, max_length: dict, score_range, instruction, fs, root: str,
-                 file_index: dict[str, int], tokenizer_setup: dict | None = None):
+                 file_index: dict[str, int], tokenizer_setup: dict | None = None, text_fields=None):
         from codiemb.data.tokenize import load_tokenizer
 
         self.tokenizer = load_tokenizer(model, **(tokenizer_setup or {}))
@@ -142,13 +143,15 @@ class ShardBlockWriter:
         # the driver's filesystem object (endpoint, region; no keys: this process resolves its own)
         self.fs, self.root = fs, root
         self.file_index = file_index
+        self.text_fields = text_fields
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         names = batch.column("_file").to_pylist()
         out = process_block(self.tokenizer, self.task, [self.file_index[n] for n in names], names,
                             batch.column("_line").to_pylist(), batch.column("_raw").to_pylist(),
                             score_range=self.score_range, max_length=self.max_length,
-                            instruction=self.instruction, fs=self.fs, set_dir=self.root)
+                            instruction=self.instruction, fs=self.fs, set_dir=self.root,
+                            text_fields=self.text_fields)
         return pa.Table.from_pylist([out], schema=RESULT_SCHEMA)
 
 
@@ -203,7 +206,7 @@ def _ray_results(spec: ShardSpec, fs, files: list[str], found: str, set_dir: str
     out = raw.map_batches(
         ShardBlockWriter, batch_size=None, batch_format="pyarrow",
         fn_constructor_args=(spec.model, spec.task, _lengths(spec), score_range, spec.instruction, sfs, sroot,
-                             file_index, spec.tokenizer_setup),
+                             file_index, spec.tokenizer_setup, spec.text_fields),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, concurrency)), num_cpus=1,
         udf_modifying_row_count=True, **actor_runtime_env())
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -230,7 +233,8 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
     key = shard_key({"files": key_files, "task": spec.task, "fmt": found, "qrels": spec.qrels if found == "beir" else None,
                      "score_range": score_range, "max_rows": spec.max_rows, "instruction": spec.instruction,
                      "tokenizer": tokenizer_fingerprint(spec.model), "max_length": _lengths(spec),
-                     **({"tokenizer_setup": spec.tokenizer_setup} if spec.tokenizer_setup else {})})
+                     **({"tokenizer_setup": spec.tokenizer_setup} if spec.tokenizer_setup else {}),
+                     **({"text_fields": list(spec.text_fields)} if spec.text_fields else {})})
     set_uri = join(shards_root, key)
     sfs, set_dir = open_root(set_uri)
     if not rebuild and sfs.get_file_info(join(set_dir, MANIFEST)).type == pafs.FileType.File:
@@ -263,7 +267,7 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
         else:
             results = (process_block(tokenizer, spec.task, idx, names, lines, raws, score_range=score_range,
                                      max_length=_lengths(spec), instruction=spec.instruction, fs=sfs,
-                                     set_dir=set_dir, parsed=parsed)
+                                     set_dir=set_dir, parsed=parsed, text_fields=spec.text_fields)
                        for idx, names, lines, raws, parsed in _local_blocks(fs, root, found, files, spec.qrels,
                                                                           spec.max_rows))
         bar = console.stage(f"data {_short(source)}", unit="row")
@@ -292,7 +296,7 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
         entries.sort(key=lambda e: e[0])  # shard names sort by (file index, first line)
         shards = [{"name": n, **s} for n, s in entries]
         stats = merge_stats(spec.task, [s for _, s in entries])
-        if stats["rows"] != counts["valid"]:
+        if stats.get("source_rows", stats["rows"]) != counts["valid"]:
             raise RuntimeError(f"{source}: shards hold {stats['rows']} rows but {counts['valid']} were valid")
         if counts["quarantined"]:
             _copy_file(qfile.name, sfs, join(set_dir, QUARANTINE))
@@ -361,7 +365,8 @@ def spec_for(cfg, ds) -> ShardSpec:
                      qrels=ds.qrels, score_range=tuple(ds.score_range) if ds.score_range else (0.0, 5.0),
                      max_rows=ds.max_rows, on_bad_rows=cfg.data.on_bad_rows,
                      instruction=ins if any(ins.values()) else None,
-                     max_bad_fraction=cfg.data.max_bad_fraction, tokenizer_setup=setup or None)
+                     max_bad_fraction=cfg.data.max_bad_fraction, tokenizer_setup=setup or None,
+                     text_fields=tuple(ds.text_fields) if getattr(ds, "text_fields", None) else None)
 
 
 def dataset_instructions(cfg, ds) -> dict[str, str | None]:

@@ -204,9 +204,9 @@ def iter_raw_rows(fs: pafs.FileSystem, path: str, fmt: str) -> Iterator[tuple[in
         raise DataError(f"{display_name(fs, path)}: cannot read ({exc})") from None
 
 
-def check_raw(task: str, raw: bytes, line: int, score_range=None) -> dict:
+def check_raw(task: str, raw: bytes, line: int, score_range=None, text_fields=None) -> dict:
     """Parse and validate one raw line; raises RowError."""
-    return validate_row(task, parse_line(raw, first_line=line == 1), score_range)
+    return validate_row(task, parse_line(raw, first_line=line == 1), score_range, text_fields)
 
 
 def raw_text(raw: bytes | str) -> str:
@@ -266,6 +266,7 @@ def read_records(
     max_bad_fraction: float = 1.0,
     max_rows: int | None = None,
     quarantine_append: bool = True,
+    text_fields: list[str] | None = None,
 ) -> ReadResult:
     """Read and validate every row of ``path``; ``counts`` reconcile: read == valid + quarantined.
 
@@ -293,7 +294,8 @@ def read_records(
             break
         result.counts["read"] += 1
         try:
-            rec = validate_row(task, row, score_range) if row is not None else check_raw(task, raw, line, score_range)
+            rec = (validate_row(task, row, score_range, text_fields) if row is not None
+                   else check_raw(task, raw, line, score_range, text_fields))
         except RowError as exc:
             result.counts["quarantined"] += 1
             result.errors.append(BadRow(file, line, exc.reason, raw_text(raw)))

@@ -12,6 +12,9 @@ Records after validation:
 - ``sts``: ``{"sentence1": str, "sentence2": str, "score": float}`` (plus ``"instruction": str``,
   the prefix of both sentences, when the row has one) with the score inside the dataset's declared ``score_range``
   (default ``(0, 5)``, STS-B), bounds included.
+- ``unsupervised``: ``{"texts": [str, ...]}`` (>= 1): the row's ``text_fields`` (default
+  ``["text"]``; ``["sentence1", "sentence2"]`` reads an STS file as unlabeled text, its score
+  ignored), each one training text (plus ``"instruction"`` when the row has one).
 
 Extra fields are ignored. A row that does not fit raises :class:`RowError` whose ``reason`` is
 one short phrase (the readers prefix it with ``FILE:LINE:``).
@@ -23,11 +26,13 @@ import json
 import math
 from typing import Any
 
-TASKS = ("retrieval", "sts")
+TASKS = ("retrieval", "sts", "unsupervised")
+DEFAULT_TEXT_FIELDS = ("text",)
 DEFAULT_SCORE_RANGE = (0.0, 5.0)
 
 #: The text fields of each task (what the tokenizer sees).
-TEXT_FIELDS = {"retrieval": ("query", "positives", "negatives"), "sts": ("sentence1", "sentence2")}
+TEXT_FIELDS = {"retrieval": ("query", "positives", "negatives"), "sts": ("sentence1", "sentence2"),
+               "unsupervised": DEFAULT_TEXT_FIELDS}
 
 
 class RowError(Exception):
@@ -59,12 +64,17 @@ def parse_line(raw: bytes | str, first_line: bool = False) -> dict:
     return row
 
 
-def validate_row(task: str, row: dict, score_range: tuple[float, float] | None = None) -> dict:
-    """Return the normalized record for ``task`` or raise :class:`RowError` with the reason."""
+def validate_row(task: str, row: dict, score_range: tuple[float, float] | None = None,
+                 text_fields: tuple[str, ...] | list[str] | None = None) -> dict:
+    """Return the normalized record for ``task`` or raise :class:`RowError` with the reason.
+
+    ``text_fields``: the text fields of an ``unsupervised`` row (default ``("text",)``)."""
     if task == "retrieval":
         return _retrieval(row)
     if task == "sts":
         return _sts(row, check_score_range(score_range))
+    if task == "unsupervised":
+        return _unsupervised(row, tuple(text_fields or DEFAULT_TEXT_FIELDS))
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
@@ -156,6 +166,14 @@ def _sts(row: dict, score_range: tuple[float, float]) -> dict:
     if not low <= score <= high:
         raise RowError(f"score {score:g} is outside the range [{low:g}, {high:g}]")
     rec = {"sentence1": s1, "sentence2": s2, "score": score}
+    instruction = _instruction(row)
+    if instruction is not None:
+        rec["instruction"] = instruction
+    return rec
+
+
+def _unsupervised(row: dict, fields: tuple[str, ...]) -> dict:
+    rec = {"texts": [_text(row, f) for f in fields]}
     instruction = _instruction(row)
     if instruction is not None:
         rec["instruction"] = instruction

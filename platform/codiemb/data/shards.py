@@ -17,6 +17,8 @@ texts + 1) cut it into texts, ``row_texts`` (int64, rows + 1) groups texts into 
   does; 0 without instruction);
 - retrieval row: ``[query, positive_1..positive_p, negative_1..negative_k]``; ``n_pos`` (int32) is p;
 - sts row: ``[sentence1, sentence2]`` and ``score`` (float64);
+- unsupervised row: ``[text]``: ONE text (a source row with several text fields becomes that many
+  rows, all with its file and line), so the sampler's rows are texts;
 - retrieval: ``text_hash`` (int64, one per text, aligned with ``text_offsets``): a 64-bit hash of
   the text's token ids (:func:`codiemb.data.hashing.ids_hashes`), computed in the build pass, so the
   no-duplicates batch sampler compares texts without reading them (:meth:`ShardStore.row_hashes`);
@@ -60,6 +62,8 @@ ARRAYS = {
                   "pool_start": np.int32, "file": np.int32, "line": np.int64, "text_hash": np.int64},
     "sts": {"tokens": np.int32, "text_offsets": np.int64, "row_texts": np.int64, "score": np.float64,
             "pool_start": np.int32, "file": np.int32, "line": np.int64},
+    "unsupervised": {"tokens": np.int32, "text_offsets": np.int64, "row_texts": np.int64,
+                     "pool_start": np.int32, "file": np.int32, "line": np.int64},
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "added_tokens.json")
@@ -195,6 +199,21 @@ def encode_rows(tokenizer, task: str, records: Sequence[dict], max_length: dict[
         starts = [s for i in keep for s in (a_start[i], b_start[i])]
         row_texts = list(range(0, 2 * len(keep) + 1, 2))
         extra = {"score": np.asarray([float(records[i]["score"]) for i in keep], np.float64)}
+    elif task == "unsupervised":  # one shard row per text, so file/line repeat for multi-field rows
+        limit = int(max_length["sts"])
+        owner = [i for i, r in enumerate(records) for _ in r["texts"]]
+        flat = [t for r in records for t in r["texts"]]
+        ids, st, no_room = _encode_with_instructions(
+            tokenizer, flat, [records[i].get("instruction") or defaults["sts"] for i in owner], limit)
+        for i in sorted({owner[j] for j in no_room}):
+            rejected.append((i, f"instruction leaves no room for the text within max_length.sts={limit}"))
+            bad.add(i)
+        kept = [j for j, i in enumerate(owner) if i not in bad]
+        texts = [ids[j] for j in kept]
+        starts = [st[j] for j in kept]
+        row_texts = list(range(len(kept) + 1))
+        keep = [owner[j] for j in kept]  # one entry per output row: its source record
+        extra = {}
     else:
         raise ValueError(f"unknown task {task!r}")
     lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
@@ -219,8 +238,11 @@ def shard_stats(task: str, arrays: dict[str, np.ndarray]) -> dict[str, int]:
         out.update(min_positives=int(arrays["n_pos"].min()), max_positives=int(arrays["n_pos"].max()),
                    min_negatives=int(neg.min()), max_negatives=int(neg.max()),
                    with_instruction=int((arrays["pool_start"] > 0).sum()))
-    elif task == "sts" and rows:
+    elif task in ("sts", "unsupervised") and rows:
         out["with_instruction"] = int((arrays["pool_start"] > 0).sum())
+    if task == "unsupervised":  # the source rows its texts came from (a row's texts are adjacent)
+        f, ln = np.asarray(arrays["file"]), np.asarray(arrays["line"])
+        out["source_rows"] = int(rows and 1 + ((f[1:] != f[:-1]) | (ln[1:] != ln[:-1])).sum())
     return out
 
 
@@ -236,6 +258,8 @@ def merge_stats(task: str, parts: Iterable[dict]) -> dict[str, int]:
             total["with_instruction"] = total.get("with_instruction", 0) + s["with_instruction"]
         elif s.get("with_instruction"):
             total["with_instruction"] = total.get("with_instruction", 0) + s["with_instruction"]
+        if task == "unsupervised":
+            total["source_rows"] = total.get("source_rows", 0) + s.get("source_rows", 0)
     return total
 
 
@@ -444,6 +468,13 @@ class ShardStore:
         texts = self.texts(i)
         p = int(a["n_pos"][j])
         return texts[0], texts[1: 1 + p], texts[1 + p:], int(a["pool_start"][int(a["row_texts"][j])])
+
+    def text_row(self, i: int) -> tuple[np.ndarray, int]:
+        """(token ids, pool start) of unsupervised row i (one text)."""
+        a, j = self._locate(i)
+        lo = int(a["row_texts"][j])
+        off = a["text_offsets"]
+        return a["tokens"][int(off[lo]): int(off[lo + 1])], int(a["pool_start"][lo])
 
     def sts_row(self, i: int) -> tuple[np.ndarray, np.ndarray, float]:
         a, j = self._locate(i)

@@ -49,7 +49,22 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     with warnings.catch_warnings():  # torch >= 2.10 marks it deprecated; it is still the public autograd gather
         warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-        return torch.cat(all_gather(x.contiguous()), dim=0)
+        parts = all_gather(x.contiguous())
+    return torch.cat([_ContiguousGrad.apply(p) for p in parts], dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. The gather's backward sends each
+    part's gradient with gloo's all_to_all, which reads a non-contiguous tensor (e.g. the gradient
+    of a transposed use of the gathered tensor) in the wrong memory order: wrong gradients, no error."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 One process runs it with ``codiemb train CONFIG --local``; each Ray Train worker runs the same
 function with its rank and world size (``train/ray_trainer.py``). Every optimizer step is ONE task
 on ALL ranks (``TaskBatchSampler``); retrieval steps use multi-positive InfoNCE over the global
-batch, STS steps the order-aware composite. Gradients are averaged over ranks by PyTorch DDP
+batch, STS steps the order-aware composite, unsupervised steps (single texts) SimCSE, WhitenedCSE
+or DebCSE (``loss.unsupervised``, :func:`unsupervised_loss_step`). Gradients are averaged over ranks by PyTorch DDP
 (``EncoderStep``; ``ray.train.torch.prepare_model`` on Ray), overlapped with the backward pass.
 
 Data: every dataset is tokenized ONCE into token shards (``data/shards.py``, built by
@@ -57,7 +58,7 @@ class TaskData:
     """
 
     name: str
-    task: str  # "retrieval" | "sts"
+    task: str  # "retrieval" | "sts" | "unsupervised"
     records: list[dict] | None = None
     batch_size: int = 32
     score_range: tuple[float, float] = (0.0, 5.0)
@@ -770,6 +771,9 @@ def train(
                     if td.task == "retrieval":
                         loss, extra, tokens = retrieval_loss(encoder, None, td, cfg, ctx, step_rng, idx=idx,
                                                              layer_seed=layer_seed)
+                    elif td.task == "unsupervised":
+                        loss, extra, tokens = unsupervised_loss_step(encoder, None, td, cfg, ctx, step_rng, idx=idx,
+                                                                     layer_seed=layer_seed)
                     else:
                         loss, extra, tokens = sts_loss_step(encoder, None, td, cfg, ctx, layer_seed=layer_seed,
                                                             idx=idx)
@@ -892,3 +896,106 @@ def _checkpoint(ckpt, root, done, encoder, optimizer, scheduler, sampler, done_p
 
         dist.barrier()
     callbacks.on_checkpoint(done, path)
+
+
+# --------------------------------------------------------------------------- unsupervised texts
+SURFACE_BUCKETS = 2048  # token ids hashed into this many buckets for DebCSE's token-overlap similarity
+
+
+def delete_tokens(ids: np.ndarray, start: int, prob: float, rng: random.Random) -> np.ndarray:
+    """``ids`` with each content token (positions start..len−2: after an instruction prefix and the
+    leading special token, before the trailing one) deleted with probability ``prob``; at least one
+    content token stays. DebCSE's surface-altered positive."""
+    first, last = max(1, int(start)), len(ids) - 1
+    if last - first < 2 or prob <= 0:
+        return ids
+    drop = [rng.random() < prob for _ in range(first, last)]
+    if all(drop):
+        drop[rng.randrange(len(drop))] = False
+    keep = [True] * first + [not d for d in drop] + [True] * (len(ids) - last)
+    return ids[np.asarray(keep, dtype=bool)]
+
+
+def surface_features(views: tuple, starts: list[int], device) -> "object":
+    """DebCSE's :class:`~codiemb.losses.unsupervised.SurfaceFeatures` of two id lists: content
+    lengths and hashed bags of content token ids (special first/last positions and prefixes left out)."""
+    from codiemb.losses.unsupervised import SurfaceFeatures
+
+    out = []
+    for seqs in views:
+        lengths = torch.zeros(len(seqs), dtype=torch.float32)
+        bags = torch.zeros(len(seqs), SURFACE_BUCKETS, dtype=torch.float32)
+        for r, (ids, st) in enumerate(zip(seqs, starts)):
+            content = np.asarray(ids[max(1, st): max(max(1, st), len(ids) - 1)], dtype=np.int64)
+            lengths[r] = float(len(content))
+            if len(content):
+                bags[r, torch.from_numpy(content % SURFACE_BUCKETS)] = 1.0
+        out += [lengths.to(device), bags.to(device)]
+    return SurfaceFeatures(out[0], out[2], out[1], out[3])
+
+
+def unsupervised_loss_step(encoder, rows: list[dict] | None, td: TaskData, cfg: Config, ctx: DistContext,
+                           rng: random.Random, idx: list[int] | None = None, layer_seed: int = 0):
+    """One unsupervised batch (single texts): ``(loss, extras, non-pad tokens)``.
+
+    The B texts run through the encoder (train mode: dropout on) as ONE padded batch of V·B rows,
+    V views of every text (independent dropout masks per row, as SimCSE's implementation):
+    simcse and debcse V = 2 (debcse's second copy with tokens deleted, :func:`delete_tokens`),
+    whitenedcse V = ``views``. The loss (``losses/unsupervised.py``) gathers across workers
+    (``gather_across_workers``) and composes with Matryoshka (1D and 2D) like the other tasks; the
+    whitening's channel shuffles come from a generator seeded by the step, the same on every rank.
+    """
+    from codiemb.losses import unsupervised as U
+    from codiemb.train.fast_batches import pad_ids, with_pool_mask
+
+    u = cfg.loss.unsupervised
+    store, ids = _rows_store(encoder, rows, td, cfg, idx)
+    texts, starts = zip(*(store.text_row(i) for i in ids)) if ids else ((), ())
+    texts, starts = list(texts), list(starts)
+    b = len(texts)
+    v = u.views if u.method == "whitenedcse" else 2
+    seqs = [list(texts) for _ in range(v)]
+    if u.method == "debcse":
+        seqs[1] = [delete_tokens(t, s, u.delete_prob, rng) for t, s in zip(texts, starts)]
+    flat = [t for view in seqs for t in view]
+    feats = pad_ids(flat, store.pad_id)
+    if store.stats.get("with_instruction", 0):  # instruction prefixes: left out of pooling
+        feats = with_pool_mask(feats, starts * v)
+    tokens = int(feats["attention_mask"].sum())
+    feats = {k: t.to(ctx.device) for k, t in feats.items()}
+    earlier = _earlier_layers(cfg, encoder)
+    out = _embed(encoder, ctx, feats, layers=earlier)
+    gather = u.gather_across_workers and ctx.world_size > 1
+    gen = torch.Generator().manual_seed(int(layer_seed) * 31 + 7)  # whitening shuffles: same on every rank
+    extra: dict[str, float] = {"views": float(v)}
+
+    def split(e):
+        return tuple(e[k * b:(k + 1) * b] for k in range(v))
+
+    if u.method == "simcse":
+        loss_fn = lambda z1, z2: U.simcse_loss(z1, z2, u.temperature, gather=gather)  # noqa: E731
+    elif u.method == "whitenedcse":
+        def loss_fn(*zs):
+            return U.whitenedcse_loss(torch.stack(zs), u.temperature, u.group_size, u.whiten_eps, u.whiten_grad,
+                                      generator=gen, gather=gather)
+    else:
+        surf = surface_features((seqs[0], seqs[1]), starts, ctx.device)
+
+        def loss_fn(z1, z2):
+            loss, stats = U.debcse_loss(z1, z2, surf, u.temperature, u.false_negative_threshold, u.surface_bins,
+                                        u.surface_alpha, u.max_weight, gather=gather, return_stats=True)
+            extra.update(stats)
+            return loss
+
+    final = split(out["embedding"])
+    if cfg.loss.matryoshka is not None:
+        from codiemb.losses.matryoshka import matryoshka
+
+        if earlier:
+            layer_emb = {l: split(out["layer_embeddings"][l]) for l in earlier}
+            loss = _loss_2d(loss_fn, cfg, final, layer_emb, layer_seed)
+        else:
+            loss = matryoshka(loss_fn, cfg.loss.matryoshka.dims, cfg.loss.matryoshka.weights)(*final)
+    else:
+        loss = loss_fn(*final)
+    return loss, extra, tokens
