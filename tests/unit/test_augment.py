@@ -182,3 +182,16 @@ def test_bad_input_is_one_error_with_file_and_line(tmp_path, tiny_model_dir, cap
     with pytest.raises(UserError, match="unknown bm26"):
         candidate_pairs(_pool(["a b", "b c"]), samplers=["bm26"])
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_the_benchmarks_silver_arm_is_a_valid_config(load_benchmark, tmp_path):
+    from codiemb.config import load_config
+
+    bench = load_benchmark("silver_pairs")
+    args = bench.argparse.Namespace(out=str(tmp_path), steps=7, silver=str(tmp_path / "s.jsonl"))
+    for arm, names in (("baseline", ["stsb"]), ("silver", ["stsb", "silver"])):
+        cmd = bench.train_cmd(args, arm)
+        sets = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
+        cfg = load_config(bench.REPO / bench.CONFIG, sets)
+        assert [d.name for d in cfg.data.datasets] == names and cfg.train.max_steps == 7
+        assert all(d.task == "sts" and tuple(d.score_range) == (0, 5) for d in cfg.data.datasets)

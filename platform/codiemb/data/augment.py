@@ -304,14 +304,17 @@ class PairScorer:
 
 def score_pairs(teacher: str, s1: Sequence[str], s2: Sequence[str], *, use_ray: bool = False,
                 batch_size: int = 64, max_length: int | None = None, concurrency: int = 1,
-                chunk: int = 4096) -> np.ndarray:
+                chunk: int = 1024) -> np.ndarray:
     """Teacher scores of ``(s1[i], s2[i])``: Ray Data batch inference, or this process in chunks."""
     if not len(s1):
         return np.zeros(0, np.float32)
     if use_ray:
         return _score_with_ray(teacher, s1, s2, batch_size, max_length, concurrency, chunk)
-    scorer = PairScorer(teacher, batch_size, max_length)
-    return np.concatenate([scorer.score(s1[i:i + chunk], s2[i:i + chunk]) for i in range(0, len(s1), chunk)])
+    scorer, parts = PairScorer(teacher, batch_size, max_length), []
+    for i in range(0, len(s1), chunk):
+        parts.append(scorer.score(s1[i:i + chunk], s2[i:i + chunk]))
+        log.info("teacher %s: %d of %d pairs scored", teacher, min(i + chunk, len(s1)), len(s1))
+    return np.concatenate(parts)
 
 
 def _score_with_ray(teacher, s1, s2, batch_size, max_length, concurrency, chunk) -> np.ndarray:
