@@ -195,3 +195,17 @@ def test_the_benchmarks_silver_arm_is_a_valid_config(load_benchmark, tmp_path):
         cfg = load_config(bench.REPO / bench.CONFIG, sets)
         assert [d.name for d in cfg.data.datasets] == names and cfg.train.max_steps == 7
         assert all(d.task == "sts" and tuple(d.score_range) == (0, 5) for d in cfg.data.datasets)
+
+
+def test_the_ray_actor_class_scores_a_pyarrow_batch_like_the_local_path(tiny_model_dir):
+    """What map_batches hands each actor (a pyarrow batch) and gets back; the cluster run itself is
+    tests/integration/test_augment_ray.py."""
+    import pyarrow as pa
+
+    from codiemb.data.augment import PairScorer, score_pairs
+
+    s1, s2 = ["the cat runs", "a dog eats", "the sun"], ["a cat walks", "the moon", "a big red car"]
+    out = PairScorer(str(tiny_model_dir))(pa.table({"i": [7, 3, 5], "sentence1": s1, "sentence2": s2}))
+    assert out.column("i").to_pylist() == [7, 3, 5]
+    np.testing.assert_allclose(out.column("teacher_score").to_numpy(), score_pairs(str(tiny_model_dir), s1, s2),
+                               atol=1e-6)
