@@ -72,6 +72,27 @@ def cmd_data_mine_negatives(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_augment(args: argparse.Namespace) -> int:
+    from codiemb.data.augment import augment
+    from codiemb.paths import resolve_data_path  # as in configs: a relative path may be under the data folder
+
+    def res(paths):
+        return [resolve_data_path(p, args.data_dir) for p in paths]
+
+    if not args.local:
+        from codiemb.train.ray_trainer import init_ray
+
+        init_ray()
+    summary = augment(res(args.inputs), args.out, teacher=args.teacher, samplers=args.samplers.split(","), k=args.k,
+                      anchors=args.anchors, max_texts=args.max_texts, max_pairs=args.max_pairs,
+                      labelled=res(args.labelled), exclude_texts=res(args.exclude_texts), model=args.model,
+                      how=args.map, score_range=tuple(args.score_range), teacher_range=tuple(args.teacher_range),
+                      seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+                      use_ray=not args.local, concurrency=args.concurrency, index=args.index)
+    print(json.dumps(summary))
+    return 0
+
+
 # --------------------------------------------------------------------------- evaluate
 def _token_prepending_arg(pairs: list[str] | None):
     """``--token-prepending [KEY=VALUE ...]`` -> a validated ``model.token_prepending`` block (None: not given)."""
@@ -329,6 +350,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not write positive_scores / negative_scores with the rows")
     pm.add_argument("--index", choices=["faiss", "torch"], default="faiss", help="exact search backend (default faiss)")
     pm.set_defaults(func=cmd_data_mine_negatives)
+    pa = dsub.add_parser("augment", help="silver STS pairs: sample similar pairs from unlabeled text (BM25 / the "
+                                         "model's neighbours), score them with a teacher (Augmented SBERT)")
+    pa.add_argument("inputs", nargs="+", metavar="TEXTS",
+                    help="JSONL/Parquet of texts (a JSON string or {text} per line) or of pairs (sentence1, "
+                         "sentence2: STS, SNLI); relative: under the data folder")
+    pa.add_argument("--out", required=True, help="STS-style JSONL to write (atomically)")
+    pa.add_argument("--teacher", required=True,
+                    help="scores the pairs: a bi-encoder alias or folder (cosine), or a cross-encoder folder")
+    pa.add_argument("--samplers", default="bm25", help="comma-separated: bm25, nn, random (default bm25)")
+    pa.add_argument("--k", type=int, default=2, help="partners per anchor and sampler (default 2)")
+    pa.add_argument("--anchors", type=int, default=None, help="texts that get partners: a seeded sample (default all)")
+    pa.add_argument("--model", default=None, help="the encoder of the nn sampler (default minilm)")
+    pa.add_argument("--labelled", action="append", default=[], metavar="FILE",
+                    help="STS / pairs file whose pairs are dropped from the output (repeatable)")
+    pa.add_argument("--exclude-texts", action="append", default=[], metavar="FILE",
+                    help="drop every pair with a text of this file, e.g. dev and test splits (repeatable)")
+    pa.add_argument("--max-pairs", type=int, default=None, help="keep a seeded sample of at most this many pairs")
+    pa.add_argument("--max-texts", type=int, default=200_000,
+                    help="distinct texts the pool may hold (kept in memory; default 200000)")
+    pa.add_argument("--map", choices=["clip", "linear", "raw"], default="clip",
+                    help="teacher score -> STS score: clip: LOW + (HIGH-LOW)*clamp(t,0,1) (default, cosines); "
+                         "linear: the --teacher-range onto the --score-range; raw: as is")
+    pa.add_argument("--score-range", nargs=2, type=float, default=[0.0, 5.0], metavar=("LOW", "HIGH"),
+                    help="the output's score range (default 0 5, STS-B's)")
+    pa.add_argument("--teacher-range", nargs=2, type=float, default=[-1.0, 1.0], metavar=("LOW", "HIGH"),
+                    help="the teacher's score range for --map linear (default -1 1: a cosine)")
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--batch-size", type=int, default=64)
+    pa.add_argument("--max-length", type=int, default=128, help="token limit of each sentence (default 128)")
+    pa.add_argument("--index", choices=["faiss", "torch"], default="faiss", help="exact search backend of nn")
+    pa.add_argument("--data-dir", help="data folder for relative paths (default: $CODIEMB_DATA, else ../shared/data)")
+    pa.add_argument("--local", action="store_true", help="score in this process instead of Ray Data actors")
+    pa.add_argument("--concurrency", type=int, default=1, help="teacher actors on Ray (default 1)")
+    pa.set_defaults(func=cmd_data_augment)
 
     p = sub.add_parser("evaluate", help="score a model on a benchmark suite")
     p.add_argument("model", help="model alias (minilm), a sentence-transformers folder, or models:/NAME@ALIAS")

@@ -107,12 +107,14 @@ class EncoderScorer:
 class CrossEncoderScorer:
     """Scores of (query, text) pairs by a sentence-transformers ``CrossEncoder`` (its activation applied)."""
 
-    def __init__(self, name_or_path: str, *, batch_size: int = 32, max_length: int | None = None) -> None:
+    def __init__(self, name_or_path: str, *, batch_size: int = 32, max_length: int | None = None,
+                 device=None) -> None:
         from sentence_transformers import CrossEncoder
 
         from codiemb.paths import resolve_model
 
-        self.model = CrossEncoder(resolve_model(name_or_path), max_length=max_length, trust_remote_code=False)
+        self.model = CrossEncoder(resolve_model(name_or_path), max_length=max_length, trust_remote_code=False,
+                                  device=device)
         self.batch_size = batch_size
 
     def score(self, queries: Sequence[str], instructions: Sequence[str | None], texts: Sequence[str]) -> np.ndarray:
@@ -124,9 +126,10 @@ class CrossEncoderScorer:
 
 
 def load_teacher(name_or_path: str, *, batch_size: int = 64, query_max_length: int | None = None,
-                 doc_max_length: int | None = None):
+                 doc_max_length: int | None = None, device=None):
     """A teacher scorer: a cross-encoder when the folder's ``config.json`` names a
-    ``*ForSequenceClassification`` architecture, else a bi-encoder loaded as :class:`Encoder`."""
+    ``*ForSequenceClassification`` architecture, else a bi-encoder loaded as :class:`Encoder`
+    (on ``device``, default the CPU)."""
     from codiemb.model.encoder import Encoder
     from codiemb.paths import resolve_model
 
@@ -138,8 +141,8 @@ def load_teacher(name_or_path: str, *, batch_size: int = 64, query_max_length: i
         except (OSError, json.JSONDecodeError):
             arch = []
     if any(str(a).endswith("ForSequenceClassification") for a in arch):
-        return CrossEncoderScorer(name_or_path, batch_size=batch_size, max_length=doc_max_length)
-    return EncoderScorer(Encoder.load(name_or_path), batch_size=batch_size, query_max_length=query_max_length,
+        return CrossEncoderScorer(name_or_path, batch_size=batch_size, max_length=doc_max_length, device=device)
+    return EncoderScorer(Encoder.load(name_or_path, device=device), batch_size=batch_size, query_max_length=query_max_length,
                          doc_max_length=doc_max_length)
 
 
