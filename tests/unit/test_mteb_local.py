@@ -281,4 +281,7 @@ def test_downloads_need_the_explicit_switch(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not mteb_tasks.downloads_allowed()
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert not mteb_tasks.downloads_allowed()
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
     assert mteb_tasks.downloads_allowed()

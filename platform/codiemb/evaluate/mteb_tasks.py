@@ -70,8 +70,9 @@ def _truthy(name: str) -> bool:
 
 def downloads_allowed() -> bool:
     """The hub may be used only on the user's explicit ``CODIEMB_ALLOW_DOWNLOAD=1`` and never under
-    ``HF_HUB_OFFLINE=1`` (``codiemb.paths`` applies the same rule to models)."""
-    return _truthy("CODIEMB_ALLOW_DOWNLOAD") and not _truthy("HF_HUB_OFFLINE")
+    ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1`` (``codiemb.paths`` applies the same rule to models)."""
+    return (_truthy("CODIEMB_ALLOW_DOWNLOAD") and not _truthy("HF_HUB_OFFLINE")
+            and not _truthy("HF_DATASETS_OFFLINE"))
 
 
 @contextlib.contextmanager
@@ -177,7 +178,7 @@ def fetch_hint(task) -> str:
     where = f"put its copy at <data folder>/{local} (see the data README), or " if local else ""
     return (f"MTEB task {name!r}: its data ({ds.get('path')}@{str(ds.get('revision'))[:12]}) is not in the local "
             f"Hugging Face datasets cache; {where}fetch it once with CODIEMB_ALLOW_DOWNLOAD=1 (network; "
-            f"HF_HUB_OFFLINE unset), or map it to local files with --mteb-data {name}=PATH")
+            f"HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset), or map it to local files with --mteb-data {name}=PATH")
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
