@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -116,15 +117,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from codiemb.evaluate.report import markdown_table
     from codiemb.evaluate.suites import evaluate_model
 
+    if args.mteb is not None:
+        return _evaluate_mteb(args)
+    if args.mteb_data or args.prompts:
+        raise ConfigError("--mteb-data and --prompt go with --mteb")
     retrieval = {"index": args.index, "storage": args.index_storage, "chunk_size": args.chunk_size,
                  "use_ray": args.ray}
-    results = evaluate_model(args.model, suite=args.suite, data_dir=args.data_dir,
+    results = evaluate_model(args.model, suite=args.suite or "default", data_dir=args.data_dir,
                              batch_size=args.batch_size, show_progress=not args.json, retrieval_options=retrieval,
                              token_prepending=_token_prepending_arg(args.token_prepending))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(markdown_table(results))
+    return 0
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _evaluate_mteb(args: argparse.Namespace) -> int:
+    from codiemb.evaluate.mteb_tasks import mteb_table, run_mteb
+
+    if args.suite is not None:
+        raise ConfigError("--suite and --mteb are two benchmarks: pick one")
+    results = run_mteb(args.model, args.mteb, data_dir=args.data_dir,
+                       local_data=_key_values(args.mteb_data, "--mteb-data"),
+                       prompts=_key_values(args.prompts, "--prompt"), batch_size=args.batch_size,
+                       show_progress=not args.json and not os.environ.get("CODIEMB_NO_PROGRESS"))
+    print(json.dumps(results, indent=2) if args.json else mteb_table(results))
     return 0
 
 
@@ -385,9 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--concurrency", type=int, default=1, help="teacher actors on Ray (default 1)")
     pa.set_defaults(func=cmd_data_augment)
 
-    p = sub.add_parser("evaluate", help="score a model on a benchmark suite")
+    p = sub.add_parser("evaluate", help="score a model on a benchmark suite, or on MTEB tasks (--mteb)")
     p.add_argument("model", help="model alias (minilm), a sentence-transformers folder, or models:/NAME@ALIAS")
-    p.add_argument("--suite", default="default", help="stsb, scifact, default (both), or dev")
+    p.add_argument("--suite", default=None, help="stsb, scifact, default (both; the default), or dev")
+    p.add_argument("--mteb", nargs="+", metavar="TASK", default=None,
+                   help="run these MTEB tasks through the mteb library (e.g. STSBenchmark SciFact); data from the "
+                        "local HF datasets cache, else the data folder; nothing downloads")
+    p.add_argument("--mteb-data", action="append", default=[], metavar="TASK=PATH",
+                   help="read an MTEB STS / retrieval task from local files: a JSONL file or folder of "
+                        "<split>.jsonl (STS), a BEIR folder (retrieval); relative: under the data folder")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="KEY=TEXT",
+                   help="instruction prefix for --mteb, in mteb's keys: TASK-query, TASK, TYPE-document, TYPE, "
+                        "query, document (default: the model's own query / passage / sts instructions)")
     p.add_argument("--data-dir", default=None, help="data folder (else $CODIEMB_DATA, ./data, ../shared/data)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
