@@ -36,6 +36,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- data
+def cmd_model_fetch(args: argparse.Namespace) -> int:
+    from codiemb.paths import download_hub_model
+
+    print(download_hub_model(args.hub_id))
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from codiemb.data.check import run_check
 
@@ -343,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(ps)
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("model", help="models: fetch a hub model into the local cache (the only command that downloads one)")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    pf = msub.add_parser("fetch", help="download a Hugging Face hub model into the local cache; model.name may then name it")
+    pf.add_argument("hub_id", help="e.g. BAAI/bge-base-en-v1.5")
+    pf.set_defaults(func=cmd_model_fetch)
 
     p = sub.add_parser("data", help="inspect data files")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)

@@ -276,8 +276,8 @@ def split_zip_model_dir(spec: SplitZipModel) -> Path:
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """Return a local folder for a model name (a hub id only from the local cache, or downloaded on
-    an explicit ``CODIEMB_ALLOW_DOWNLOAD=1``).
+    """Return a local folder for a model name (a hub id only from the local Hugging Face cache;
+    ``codiemb model fetch HUB_ID`` is the explicit command that downloads one).
 
     Order: a known alias (``minilm``; ``mpnet``, assembled into the cache on first use), an
     existing local folder, else the string itself, which transformers treats as a hub id (fails
@@ -301,25 +301,34 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
 
 
 def _hub_snapshot(name: str) -> str:
-    """A hub id's local snapshot folder, from the local Hugging Face cache only; downloaded
-    (``huggingface_hub.snapshot_download``) only on the user's explicit ``CODIEMB_ALLOW_DOWNLOAD=1``
-    and never when ``HF_HUB_OFFLINE`` is set, so tests and the quickstart never download. One-line
+    """A hub id's local snapshot folder, from the local Hugging Face cache ONLY: resolving a model
+    (training, evaluation, tests, the quickstart) never downloads. The one way to download is the
+    user's explicit command ``codiemb model fetch HUB_ID`` (:func:`download_hub_model`). One-line
     ``ModelError`` otherwise."""
-    truthy = ("1", "true", "yes", "on")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy
-    download = not offline and os.environ.get("CODIEMB_ALLOW_DOWNLOAD", "").lower() in truthy
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     aliases = ", ".join(sorted([*MODEL_ALIASES, *SPLIT_ZIP_ALIASES]))
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, local_files_only=not download)
-    except Exception as exc:  # hub errors come in many classes; the user sees one line
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # hub errors come in many classes; the user sees one line
         if offline:
             raise ModelError(f"model {name!r} is neither a known alias ({aliases}), a local folder nor in the "
                              "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids the hub") from None
-        if not download:
-            raise ModelError(f"model {name!r} is neither a known alias ({aliases}), a local folder nor in the "
-                             "Hugging Face cache; set CODIEMB_ALLOW_DOWNLOAD=1 to download it from the hub") from None
+        raise ModelError(f"model {name!r} is neither a known alias ({aliases}), a local folder nor in the "
+                         f"Hugging Face cache; download it once with `codiemb model fetch {name}`") from None
+
+
+def download_hub_model(name: str) -> str:
+    """``codiemb model fetch HUB_ID``: download a hub model into the local Hugging Face cache (the
+    only code path that downloads a model); returns its snapshot folder."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelError(f"cannot fetch {name!r}: HF_HUB_OFFLINE=1 forbids the hub")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name)
+    except Exception as exc:  # noqa: BLE001 - one line for the user
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model {name!r}: cannot get it from the Hugging Face hub: {msg}") from None
 

@@ -57,9 +57,17 @@ def test_hub_id_offline_and_not_cached_is_one_clear_error(monkeypatch):
     assert "\n" not in str(err.value)
 
 
-def test_hub_id_is_not_downloaded_without_the_explicit_switch(monkeypatch):
+def test_hub_id_is_not_downloaded_without_the_explicit_command(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("CODIEMB_ALLOW_DOWNLOAD", raising=False)
-    with pytest.raises(ModelError, match="set CODIEMB_ALLOW_DOWNLOAD=1") as err:
+    monkeypatch.setenv("CODIEMB_ALLOW_DOWNLOAD", "1")  # the old switch no longer downloads anything
+    with pytest.raises(ModelError, match="download it once with `codiemb model fetch some-org/no-such-model`") as err:
         resolve_model("some-org/no-such-model")
     assert "\n" not in str(err.value)
+
+
+def test_model_fetch_is_refused_offline(monkeypatch, capsys):
+    from codiemb.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["model", "fetch", "some-org/no-such-model"]) == 2
+    assert "HF_HUB_OFFLINE=1 forbids the hub" in capsys.readouterr().err
