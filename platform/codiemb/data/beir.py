@@ -91,6 +91,12 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
 
 def parse_corpus_line(raw: bytes, where: str) -> tuple[str, str]:
     """``(doc id, title + " " + text)`` of one corpus.jsonl line; a bad line is a DataError naming ``where``."""
+    row = parse_corpus_row(raw, where)
+    return str(row["_id"]), doc_text(row)
+
+
+def parse_corpus_row(raw: bytes, where: str) -> dict:
+    """One corpus.jsonl line as a checked dict (``_id`` present, ``title`` / ``text`` strings when set)."""
     try:
         row = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -102,7 +108,7 @@ def parse_corpus_line(raw: bytes, where: str) -> tuple[str, str]:
     for key in ("title", "text"):
         if row.get(key) is not None and not isinstance(row[key], str):
             raise DataError(f"{where}: field {key!r} must be a string")
-    return str(row["_id"]), doc_text(row)
+    return row
 
 
 def iter_corpus(path: str | Path, chunk_size: int = 16384) -> Iterator[tuple[list[str], list[str]]]:

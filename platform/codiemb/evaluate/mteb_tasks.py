@@ -231,6 +231,8 @@ def _corpus_table(path: Path, chunk_size: int = 16384):
     title and text itself, as for its hub copy)."""
     import pyarrow as pa
 
+    from codiemb.data.beir import parse_corpus_row
+
     if not path.is_file():
         raise DataError(f"{path}: BEIR file not found")
     batches, ids, titles, texts = [], [], [], []
@@ -247,17 +249,7 @@ def _corpus_table(path: Path, chunk_size: int = 16384):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: line is not valid UTF-8") from None
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or row.get("_id") is None:
-                raise DataError(f"{where}: a corpus row needs an '_id' field")
-            for key in ("title", "text"):
-                if row.get(key) is not None and not isinstance(row[key], str):
-                    raise DataError(f"{where}: field {key!r} must be a string")
+            row = parse_corpus_row(raw, where)  # the evaluator's own check of a corpus line
             doc_id = str(row["_id"])
             if doc_id in seen:
                 raise DataError(f"{where}: duplicate document id {doc_id!r}")
