@@ -31,7 +31,6 @@ corpora beyond memory use codiemb's own streamed evaluator (``--suite``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
