@@ -38,6 +38,16 @@ def _finish(local: torch.Tensor, world: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- SimCSE
+def _anchors_and_views(z1: torch.Tensor, z2: torch.Tensor, gather: bool, name: str):
+    """``(rank, world, B, a, c)``: this rank's B anchors ``z1`` and the second views ``z2`` of the
+    global batch (gathered with gradients), both L2-normalised in float32 — what SimCSE and DebCSE share."""
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"{name} expects two (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    rank, world = _world(gather)
+    cands = gather_with_grad(z2) if world > 1 else z2
+    return rank, world, z1.shape[0], F.normalize(upcast(z1), dim=-1), F.normalize(upcast(cands), dim=-1)
+
+
 def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, gather: bool = True) -> torch.Tensor:
     r"""Unsupervised SimCSE (Gao et al. 2021): the two dropout views of a text are its positive pair.
 
@@ -49,13 +59,7 @@ def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05, g
     (the paper's Eq. 4: the other texts' second views are the negatives). Rank r computes the
     terms of its B anchors against all N gathered second views.
     """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"simcse_loss expects two (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    rank, world = _world(gather)
-    b = z1.shape[0]
-    cands = gather_with_grad(z2) if world > 1 else z2
-    a = F.normalize(upcast(z1), dim=-1)
-    c = F.normalize(upcast(cands), dim=-1)
+    rank, world, b, a, c = _anchors_and_views(z1, z2, gather, "simcse_loss")
     targets = torch.arange(rank * b, (rank + 1) * b, device=a.device)
     return _finish(F.cross_entropy(a @ c.T / temperature, targets), world)
 
@@ -226,13 +230,7 @@ def debcse_loss(z1: torch.Tensor, z2: torch.Tensor, surface: SurfaceFeatures, te
     positives come from token deletion of the text itself (not sampled from the corpus with a
     teacher's semantic similarity), and word-frequency bias enters only through token overlap.
     """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"debcse_loss expects two (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    rank, world = _world(gather)
-    b = z1.shape[0]
-    cands = gather_with_grad(z2) if world > 1 else z2
-    a = F.normalize(upcast(z1), dim=-1)
-    c = F.normalize(upcast(cands), dim=-1)
+    rank, world, b, a, c = _anchors_and_views(z1, z2, gather, "debcse_loss")
     n = c.shape[0]
     sim = a @ c.T  # (B, N)
     g = surface.gathered(world)
