@@ -95,3 +95,23 @@ def nodrop_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (out / "config.json").write_text(json.dumps(cfg))
     return out
+
+
+def sigterm_after(trace_file: Path, steps: int, timeout: float = 900.0):
+    """A daemon thread that sends this process SIGTERM once ``trace_file`` records ``steps`` steps
+    (a scheduler's stop request, as the fault tests need it, local and on Ray)."""
+    import signal
+    import threading
+    import time
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if trace_file.is_file() and len(trace_file.read_text().splitlines()) >= steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t

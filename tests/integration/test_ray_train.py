@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from tests.conftest import sigterm_after
+
 from codiemb.config import load_config
 from codiemb.errors import UserError
 from services import write_tiny_pairs
@@ -177,24 +179,6 @@ def test_sigkilled_worker_resumes_with_the_rows_and_weights_of_an_uninterrupted_
 
 
 # --------------------------------------------------------------------------- SIGTERM to the driver
-def _sigterm_after(trace_file, steps: int, timeout: float = 900.0):
-    """A thread that sends this process (the driver) SIGTERM once ``trace_file`` records ``steps`` steps."""
-    import os
-    import signal
-    import threading
-    import time
-
-    def run():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if trace_file.is_file() and len(trace_file.read_text().splitlines()) >= steps:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.05)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def test_sigterm_to_the_driver_stops_both_workers_at_one_step_and_the_rerun_resumes(ray_local, tmp_path,
@@ -211,7 +195,7 @@ def test_sigterm_to_the_driver_stops_both_workers_at_one_step_and_the_rerun_resu
     monkeypatch.setenv("CODIEMB_ROW_TRACE", str(tmp_path / "trace"))
     cfg = _cfg(tmp_path, tiny_model_dir, "run.name=term", "train.epochs=8", "train.checkpoint_every=0",
                "train.checkpoint_every_minutes=0.005")
-    sender = _sigterm_after(tmp_path / "trace" / "rank0.jsonl", 2)
+    sender = sigterm_after(tmp_path / "trace" / "rank0.jsonl", 2)
     with pytest.raises(TrainingStopped) as stopped:
         train_tracked(cfg, local=False)
     sender.join(timeout=5)

@@ -6,15 +6,14 @@ one line, and the same command resumes with exactly the rows and weights of an u
 from __future__ import annotations
 
 import json
-import os
 import signal
-import threading
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_train_loop import _cfg
+
+from tests.conftest import sigterm_after
 
 from codiemb.train import checkpoint as ckpt
 from codiemb.train.loop import train
@@ -43,19 +42,6 @@ def test_time_checkpoints_bound_what_a_crash_loses(tmp_path, tiny_model_dir, mon
     assert ckpt.list_checkpoints(tmp_path / "p" / "checkpoints") == []
 
 
-def _sigterm_after(trace_file, steps: int, timeout: float = 600.0) -> threading.Thread:
-    """A thread that sends this process SIGTERM once ``trace_file`` records ``steps`` steps."""
-    def run():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if trace_file.is_file() and len(trace_file.read_text().splitlines()) >= steps:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.01)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def test_sigterm_stops_local_train_at_a_step_and_the_same_command_resumes(tmp_path, tiny_model_dir, monkeypatch,
@@ -70,7 +56,7 @@ def test_sigterm_stops_local_train_at_a_step_and_the_same_command_resumes(tmp_pa
     argv = ["train", str(tmp_path / "cfg.yaml"), "--set", "train.checkpoint_every=0", "--local", "--no-tracking",
             "--output", str(tmp_path / "cli")]
     monkeypatch.setenv("CODIEMB_ROW_TRACE", str(tmp_path / "trace-cli"))
-    sender = _sigterm_after(tmp_path / "trace-cli" / "rank0.jsonl", 3)
+    sender = sigterm_after(tmp_path / "trace-cli" / "rank0.jsonl", 3)
     assert main(argv) == 143
     sender.join(timeout=5)
     err = capsys.readouterr().err.strip().splitlines()
