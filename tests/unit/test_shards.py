@@ -126,3 +126,26 @@ def test_store_reopened_elsewhere_gives_the_same_rows(tmp_path, tiny_model_dir):
     for i in range(len(other)):
         a, b = res.store.retrieval_row(i), other.retrieval_row(i)
         assert a[0].tolist() == b[0].tolist() and [x.tolist() for x in a[1]] == [x.tolist() for x in b[1]]
+
+
+def test_a_small_input_on_ray_is_built_in_the_driver_and_equals_the_plain_build(tmp_path, tiny_model_dir, monkeypatch):
+    """``ray_min_bytes`` (data.ray_build_min_mb): under it, ``use_ray`` builds in this process — no Ray
+    Data pipeline starts — and the shard set is the plain build's; at 0 the Ray path is taken."""
+    import codiemb.data.build as build
+
+    data = _retrieval_file(tmp_path / "r.jsonl", ROWS)
+    plain = build_shards(_spec(data, tiny_model_dir), str(tmp_path / "plain"))
+
+    def no_ray(*a, **k):
+        raise AssertionError("the Ray Data pipeline started for a small input")
+
+    monkeypatch.setattr(build, "_ray_results", no_ray)
+    small = build_shards(_spec(data, tiny_model_dir), str(tmp_path / "small"), use_ray=True,
+                         ray_min_bytes=data.stat().st_size + 1)
+    assert small.store.manifest["built_with"] == "local"
+    assert small.store.manifest["key"] == plain.store.manifest["key"]
+    assert [small.store.retrieval_row(i)[0].tolist() for i in range(3)] == \
+        [plain.store.retrieval_row(i)[0].tolist() for i in range(3)]
+    with pytest.raises(AssertionError, match="pipeline started"):  # at the size threshold, Ray is used
+        build_shards(_spec(data, tiny_model_dir), str(tmp_path / "big"), use_ray=True,
+                     ray_min_bytes=data.stat().st_size)
