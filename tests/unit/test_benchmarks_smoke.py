@@ -137,19 +137,20 @@ def test_throughput_script_runs_two_steps_per_side(load_benchmark, tiny_model_di
     assert len(res["step_seconds"]["ours"]) == len(res["step_seconds"]["peer"]) == 1 + 2  # warm-up + timed
     # ours ran loop.retrieval_loss every step, on the loop's default (auto -> unpadded for this BERT)
     assert calls == ["unpadded"] * 3
-    assert res["options"]["ours_attn"] == "auto" and res["ours_attn"] == "unpadded (reference)"
+    assert res["options"]["ours_attn"] == "auto" and res["ours_attn"] == "unpadded (batched)"
     assert any(l.startswith("ours: codiemb.train.loop.retrieval_loss, train.retrieval_forward=auto -> unpadded")
                for l in out)
 
 
-def test_unpadded_forward_equals_padded_encoder(tiny_model_dir):
+@pytest.mark.parametrize("backend", ["reference", "batched"])
+def test_unpadded_forward_equals_padded_encoder(tiny_model_dir, backend):
     from codiemb.train.unpadded import UnpaddedBert, mean_pool_packed, pack_lists, pack_padded
 
     enc = Encoder.load(str(tiny_model_dir)).eval()
     texts = ["the cat runs in the house", "a dog", "protein cell gene study shows high risk of cancer"]
     feats = enc.tokenize(texts, 12)
     ref = enc(feats)["embedding"]
-    model = UnpaddedBert(enc.backbone, "reference").eval()
+    model = UnpaddedBert(enc.backbone, backend).eval()
     packed = pack_padded(feats)
     assert packed.cu_seqlens.tolist() == [0] + torch.cumsum(feats["attention_mask"].sum(1), 0).tolist()
     assert packed.position_ids.tolist()[: int(packed.lengths[0])] == list(range(int(packed.lengths[0])))
@@ -187,3 +188,28 @@ def test_gpu_bench_logic_on_cpu_tiny(shared_data, tmp_path):
     # MFU formula on a hand-computed case: 6·N·T + 12·layers·d·ΣL²
     assert bench.step_flops(10, 2, 4, [3, 5]) == 6 * 10 * 8 + 12 * 2 * 4 * (9 + 25)
     assert "ours: varlen" in (out / "gpu_throughput_tiny-cpu.md").read_text()
+
+
+def test_batched_varlen_attention_equals_the_per_text_loop():
+    """The CPU default (one SDPA over a padded view, key padding masked) against one SDPA per text:
+    outputs and the gradients of q, k and v, on uneven lengths (1 to 7 tokens)."""
+    from codiemb.train.unpadded import resolve_backend, varlen_attention
+
+    assert resolve_backend("auto", torch.device("cpu")) == "batched"
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 1, 7, 5]
+    cu = torch.tensor([0, *torch.cumsum(torch.tensor(lengths), 0).tolist()], dtype=torch.int32)
+    T, H, d = sum(lengths), 2, 4
+    base = [torch.randn(T, H, d, generator=g) for _ in range(3)]
+    weight = torch.randn(T, H, d, generator=g)
+    results = {}
+    for backend in ("reference", "batched"):
+        qkv = [t.clone().requires_grad_(True) for t in base]
+        out = varlen_attention(*qkv, cu, max(lengths), backend=backend)
+        (out * weight).sum().backward()
+        results[backend] = (out.detach(), [t.grad for t in qkv])
+    torch.testing.assert_close(results["batched"][0], results["reference"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results["batched"][1], results["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a text of one token attends to itself only: its output is its own value vector
+    torch.testing.assert_close(results["batched"][0][3], base[2][3])

@@ -161,9 +161,10 @@ def _embed(enc: Encoder, texts: list[str], max_len: int, instruction, how: str) 
             assert bool(feats["attention_mask"].all())
             rows.append(enc(feats)["embedding"])
         return torch.cat(rows)
-    assert how == "packed"  # the loop's unpadded forward, from codiemb.train.unpadded
+    assert how.startswith("packed")  # the loop's unpadded forward, from codiemb.train.unpadded
+    backend = how.partition(":")[2] or "reference"
     packed = pack_padded(enc.tokenize(texts, max_len))
-    return mean_pool_packed(UnpaddedBert(enc.backbone, "reference")(packed), packed)
+    return mean_pool_packed(UnpaddedBert(enc.backbone, backend)(packed), packed)
 
 
 def _loss_and_grads(enc: Encoder, instruction, how: str):
@@ -209,7 +210,9 @@ def test_unpadded_forward_matches_where_supported_and_is_refused_elsewhere(famil
     td = TaskData(name="ret", task="retrieval", records=[], batch_size=B, num_positives=M, num_negatives=N)
     if why is None:
         assert retrieval_forward(cfg, enc, td, torch.device("cpu")) == "unpadded"
-        _assert_same(_loss_and_grads(enc, None, "padded"), _loss_and_grads(enc, None, "packed"))
+        padded = _loss_and_grads(enc, None, "padded")
+        for backend in ("reference", "batched"):  # the per-text loop and the CPU default
+            _assert_same(padded, _loss_and_grads(enc, None, f"packed:{backend}"))
     else:
         assert name != "bert", why
         assert retrieval_forward(cfg, enc, td, torch.device("cpu")) == "padded"

@@ -10,7 +10,12 @@ result equals the padded forward token for token (``tests/unit/test_benchmarks_s
 Attention backends, first available wins (``backend="auto"``):
 ``flash_attn.flash_attn_varlen_func`` (the flash-attn package; CUDA, fp16/bf16; attention dropout
 supported), ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA; no attention dropout),
-and ``reference``: scaled_dot_product_attention per text (any device; for tests and CPU).
+``batched``: the packed q/k/v scattered into a zero-padded (B, H, max_len, d) view, ONE
+scaled_dot_product_attention call with a key-padding mask, and the valid rows gathered back (any
+device; the CPU default: the linear layers, LayerNorms and GELUs still run on T tokens only), and
+``reference``: scaled_dot_product_attention per text (any device; for tests). ``batched`` exists
+because on CPU the per-text loop was 45 % of the forward (a py-spy profile, BENCHMARKS
+"Quickstart pipeline"): B small kernel calls and their backward instead of one.
 
 The module reads the weights of a Hugging Face ``BertModel`` (``embeddings``, ``encoder.layer``):
 training it trains that backbone, and the backbone still saves and loads as usual. The pooler
@@ -98,7 +103,7 @@ def _available_backends() -> tuple[str, ...]:
         out.append("torch_varlen")
     except Exception:  # noqa: BLE001
         pass
-    out.append("reference")
+    out += ["batched", "reference"]
     return tuple(out)
 
 
@@ -113,9 +118,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     if device.type == "cuda":
         for b in available_backends():
-            if b != "reference":
+            if b not in ("batched", "reference"):
                 return b
-    return "reference"
+        return "reference"
+    return "batched"
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, *, backend: str,
@@ -129,6 +135,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, 
         from torch.nn.attention.varlen import varlen_attn
 
         return varlen_attn(q, k, v, cu, cu, max_len, max_len)
+    if backend == "batched":
+        return _batched_attention(q, k, v, cu, max_len, dropout_p)
     if backend == "reference":
         outs = []
         bounds = cu.tolist()
@@ -137,6 +145,28 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, 
             outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p)[0].transpose(0, 1))
         return torch.cat(outs)
     raise ValueError(f"unknown varlen attention backend {backend!r}")
+
+
+def _batched_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, dropout_p: float) -> Tensor:
+    """One SDPA call over a padded (B, H, max_len, d) view of packed (T, H, d) q/k/v.
+
+    Padded key slots are masked out, so each real query row sees exactly its own text's keys (the
+    same softmax as the per-text loop); padded query rows are computed and dropped by the gather.
+    """
+    T, H, d = q.shape
+    lengths = (cu[1:] - cu[:-1]).to(device=q.device, dtype=torch.int64)
+    B = lengths.numel()
+    seq = torch.repeat_interleave(torch.arange(B, device=q.device), lengths)
+    pos = torch.arange(T, device=q.device) - cu[:-1].to(device=q.device, dtype=torch.int64)[seq]
+    slot = seq * max_len + pos  # where each packed token sits in the (B * max_len) padded rows
+
+    def padded(t: Tensor) -> Tensor:
+        return t.new_zeros(B * max_len, H, d).index_copy(0, slot, t).view(B, max_len, H, d).transpose(1, 2)
+
+    keep = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, max_len)
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keep[:, None, None, :],
+                                         dropout_p=dropout_p)
+    return out.transpose(1, 2).reshape(B * max_len, H, d).index_select(0, slot)
 
 
 def unsupported_reason(backbone: nn.Module) -> str | None:
@@ -194,7 +224,7 @@ class UnpaddedBert(nn.Module):
         w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])
         b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
         q, k, v = F.linear(x, w, b).view(T, 3, self.num_heads, self.head_dim).unbind(1)
-        if q.dtype == torch.float32 and backend != "reference":  # flash kernels take fp16/bf16
+        if q.dtype == torch.float32 and backend not in ("batched", "reference"):  # flash kernels take fp16/bf16
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
         drop = self._attn_dropout(layer) if self.backbone.training and backend != "torch_varlen" else 0.0
         a = varlen_attention(q, k, v, packed.cu_seqlens, packed.max_len, backend=backend, dropout_p=drop)
