@@ -194,3 +194,37 @@ def test_config_rejects_margin_mse_for_sts_and_an_empty_teacher_list():
 
     cfg = load_config(REPO / "configs" / "codiemb-minilm-distill.yaml")
     assert cfg.loss.distill.teachers[0].model == "mpnet" and cfg.loss.distill.form == {"retrieval": "kl", "sts": "cosine_mse"}
+
+
+def test_sigterm_during_teacher_scoring_stops_before_the_first_step(tmp_path, tiny_model_dir, teacher_dir,
+                                                                    monkeypatch):
+    """A real SIGTERM during the teacher's one-off scoring stops at the next block (not after the
+    whole scoring, as before: a scheduler's grace period ends in SIGKILL); no teacher set is left
+    that reads as complete, and the rerun scores and trains as usual."""
+    import os
+    import signal
+
+    from codiemb.train import fast_batches, stop
+    from codiemb.train.loop import load_task_data
+
+    cfg = _cfg(tmp_path, tiny_model_dir, teacher_dir)
+    cfg.loss.distill.teachers[0].batch_size = 4  # several blocks per shard
+    real_pad, sent = fast_batches.pad_ids, []
+
+    def pad_and_sigterm(*a, **kw):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_pad(*a, **kw)
+
+    monkeypatch.setattr(fast_batches, "pad_ids", pad_and_sigterm)
+    try:
+        with stop.sigterm_stops_training():
+            with pytest.raises(stop.TrainingStopped, match="during teacher scoring of .*before the first step"):
+                load_task_data(cfg)
+    finally:
+        stop._requested.clear()  # a later train() in this process must not see the flag
+    assert sent and not list((tmp_path / "shards" / "teachers").glob("*/manifest.json"))
+    monkeypatch.setattr(fast_batches, "pad_ids", real_pad)
+    tasks, _ = load_task_data(cfg)
+    assert all(t.teachers and len(t.teachers[0][0]) == len(t.store) for t in tasks)

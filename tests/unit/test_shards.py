@@ -149,3 +149,23 @@ def test_a_small_input_on_ray_is_built_in_the_driver_and_equals_the_plain_build(
     with pytest.raises(AssertionError, match="pipeline started"):  # at the size threshold, Ray is used
         build_shards(_spec(data, tiny_model_dir), str(tmp_path / "big"), use_ray=True,
                      ray_min_bytes=data.stat().st_size)
+
+
+def test_sigterm_while_building_stops_at_a_block_and_the_rerun_builds_whole(tmp_path, tiny_model_dir):
+    """A stop asked for (SIGTERM under ``codiemb train``) while token shards are built ends the build
+    at the next block with TrainingStopped; the partial set has no manifest and the rerun builds it."""
+    import signal
+
+    from codiemb.train import stop
+
+    data = _retrieval_file(tmp_path / "r.jsonl", ROWS * 4)
+    try:
+        with stop.sigterm_stops_training():
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(stop.TrainingStopped, match="during building the token shards of .*r.jsonl"):
+                build_shards(_spec(data, tiny_model_dir), str(tmp_path / "shards"))
+    finally:
+        stop._requested.clear()
+    assert not list((tmp_path / "shards").glob("*/manifest.json"))
+    res = build_shards(_spec(data, tiny_model_dir), str(tmp_path / "shards"))
+    assert not res.reused and res.counts["valid"] == 12

@@ -40,6 +40,7 @@ from codiemb.data.shards import (MANIFEST, QUARANTINE, SHARD_FORMAT, ShardStore,
                                  merge_stats, open_root, shard_key, shard_name, shard_stats, tokenizer_fingerprint,
                                  write_bytes, write_shard)
 from codiemb.errors import DataError
+from codiemb.train import stop
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,7 @@ def build_shards(spec: ShardSpec, shards_root: str, *, use_ray: bool = False, qu
         bar = console.stage(f"data {_short(source)}", unit="row")
         bar.set_postfix_str("validate + tokenize")
         for res in results:
+            stop.check(f"building the token shards of {source}")  # a partial set has no manifest: rebuilt
             counts["read"] += int(res["read"])
             bar.update(int(res["read"]))
             for f, line, reason, raw in zip(res["bad_file"], res["bad_line"], res["bad_reason"], res["bad_raw"]):

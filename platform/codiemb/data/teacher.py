@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 
 from codiemb.data.shards import MANIFEST, ShardStore, join, npy_bytes, open_root, shard_key, write_bytes
 from codiemb.errors import DataError
+from codiemb.train import stop
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class TeacherShardScorer:
                     else torch.autocast("cpu", enabled=False))
         with torch.inference_mode(), autocast:
             for lo in range(0, n, self.batch_size):
+                stop.check(f"teacher scoring of {name}")  # in a Ray actor never set: the driver checks
                 pick = order[lo: lo + self.batch_size]
                 feats = pad_ids([np.asarray(tok[off[i]: off[i + 1]]) for i in pick], self.tokens.pad_id)
                 emb = self.encoder({k: v.to(dev) for k, v in feats.items()})["embedding"].float()
@@ -188,7 +190,11 @@ def _score_with_ray(teacher, tokens_dir: str, out: str, names: list[str], concur
                          fn_constructor_args=(teacher.model, teacher.pooling, tokens_dir, out, teacher.batch_size),
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(concurrency))),
                          num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, **actor_runtime_env())
-    return [r for b in res.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+    out_rows = []
+    for b in res.iter_batches(batch_format="pyarrow", batch_size=None):
+        stop.check("teacher scoring")  # leaving the iterator stops the Ray Data execution
+        out_rows += b.to_pylist()
+    return out_rows
 
 
 class TeacherScores:

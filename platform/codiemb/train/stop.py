@@ -33,12 +33,26 @@ _reason: list[str] = []
 
 
 class TrainingStopped(Exception):
-    """Training stopped on request at ``step`` (checkpoint written); rerunning resumes from it."""
+    """Training stopped on request at ``step`` (checkpoint written); rerunning resumes from it.
 
-    def __init__(self, step: int, reason: str = "SIGTERM"):
-        super().__init__(f"stopped by {reason} at step {step}; rerun the same command to resume")
+    ``during``: the stop came in a phase before the first step (building token shards, the
+    teacher's scoring): nothing to checkpoint; shard sets and teacher sets already complete (each
+    has its manifest) are reused by the rerun, a partial one is built again."""
+
+    def __init__(self, step: int, reason: str = "SIGTERM", during: str | None = None):
+        where = f"during {during}, before the first step" if during else f"at step {step}"
+        super().__init__(f"stopped by {reason} {where}; rerun the same command to resume")
         self.step = step
         self.reason = reason
+        self.during = during
+
+
+def check(during: str) -> None:
+    """Raise :class:`TrainingStopped` if a stop was asked for: the phases before the first step
+    (token shards, teacher scoring) call this between blocks, so a scheduler's SIGTERM during an
+    hour of teacher scoring stops the run within one block instead of after its grace period."""
+    if requested():
+        raise TrainingStopped(0, reason(), during=during)
 
 
 def requested() -> bool:
