@@ -80,6 +80,14 @@ def cmd_data_mine_negatives(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_fetch_mteb(args: argparse.Namespace) -> int:
+    from codiemb.evaluate.mteb_tasks import fetch_task_data
+
+    for name in args.tasks:
+        print(f"{name}: {fetch_task_data(name)} in the Hugging Face datasets cache")
+    return 0
+
+
 def cmd_data_augment(args: argparse.Namespace) -> int:
     from codiemb.data.augment import augment
     from codiemb.paths import resolve_data_path  # as in configs: a relative path may be under the data folder
@@ -425,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--local", action="store_true", help="score in this process instead of Ray Data actors")
     pa.add_argument("--concurrency", type=int, default=1, help="teacher actors on Ray (default 1)")
     pa.set_defaults(func=cmd_data_augment)
+    pf = dsub.add_parser("fetch-mteb", help="download MTEB tasks' data into the local Hugging Face datasets cache "
+                         "(the only command that fetches data; `evaluate --mteb` never does)")
+    pf.add_argument("tasks", nargs="+", metavar="TASK", help="mteb task names, e.g. STSBenchmark SciFact")
+    pf.set_defaults(func=cmd_data_fetch_mteb)
 
     p = sub.add_parser("evaluate", help="score a model on a benchmark suite, or on MTEB tasks (--mteb)")
     p.add_argument("model", help="model alias (minilm), a sentence-transformers folder, or models:/NAME@ALIAS")

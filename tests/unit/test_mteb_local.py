@@ -264,7 +264,7 @@ def test_absent_data_is_one_line_saying_what_to_fetch(tmp_path, monkeypatch):
         load_task("STSBenchmark", tmp_path / "empty")
     msg = str(err.value)
     assert "\n" not in msg
-    assert "mteb/stsbenchmark-sts" in msg and "sts/stsb" in msg and "CODIEMB_ALLOW_DOWNLOAD=1" in msg
+    assert "mteb/stsbenchmark-sts" in msg and "sts/stsb" in msg and "codiemb data fetch-mteb STSBenchmark" in msg
     with pytest.raises(UserError, match="unknown MTEB task"):
         load_task("NoSuchTask", tmp_path / "empty")
     bad = tmp_path / "bad.jsonl"
@@ -274,14 +274,24 @@ def test_absent_data_is_one_line_saying_what_to_fetch(tmp_path, monkeypatch):
         load_task("STSBenchmark", tmp_path, local_path=bad)
 
 
-def test_downloads_need_the_explicit_switch(monkeypatch):
-    monkeypatch.delenv("CODIEMB_ALLOW_DOWNLOAD", raising=False)
-    assert not mteb_tasks.downloads_allowed()
+def test_only_the_fetch_command_uses_the_hub(monkeypatch, capsys):
+    """load_task keeps the hub off even with the old CODIEMB_ALLOW_DOWNLOAD switch set; the explicit
+    `codiemb data fetch-mteb` is refused in one line under HF_HUB_OFFLINE / HF_DATASETS_OFFLINE."""
+    from mteb.tasks.sts.eng.sts_benchmark_sts import STSBenchmarkSTS
+
+    from codiemb.cli import main
+
+    seen = _offline_miss(monkeypatch, STSBenchmarkSTS)
     monkeypatch.setenv("CODIEMB_ALLOW_DOWNLOAD", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert not mteb_tasks.downloads_allowed()
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert not mteb_tasks.downloads_allowed()
-    monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    assert mteb_tasks.downloads_allowed()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(UserError):
+        load_task("STSBenchmark", "/nonexistent-data-folder")
+    assert seen == [(True, True)]  # the one load attempt ran with the hub switched off
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+        assert main(["data", "fetch-mteb", "STSBenchmark"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"codiemb: error: cannot fetch MTEB task 'STSBenchmark': {var}=1 forbids the hub"
+        monkeypatch.delenv(var)
+    assert not hasattr(mteb_tasks, "downloads_allowed")

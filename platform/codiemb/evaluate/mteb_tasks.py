@@ -13,8 +13,9 @@
   ``document``), e.g. ``{"SciFact-query": "Given a claim, ...: ", "STS": "..."}``. The instruction is a
   prefix that mean pooling leaves out (``Encoder.tokenize``), as the project trains with.
 - **the data, without downloading**: each task first loads from the local Hugging Face datasets
-  cache (hub access switched off unless the user sets ``CODIEMB_ALLOW_DOWNLOAD=1``, as for models in
-  ``codiemb.paths``). When the cache lacks it, a task with a local copy is read from the data folder
+  cache, with hub access switched off (as for models in ``codiemb.paths``: the one code path that
+  downloads is the user's explicit ``codiemb data fetch-mteb TASK``, :func:`fetch_task_data`, so an
+  environment variable left set can never make a test or a pipeline download). When the cache lacks it, a task with a local copy is read from the data folder
   (``codiemb.paths.data_dir``): the standard tasks in :data:`LOCAL_DATA` (STSBenchmark: ``sts/stsb``,
   SciFact: ``ir/scifact``) or any STS / retrieval task the caller maps to a path (``local_data``,
   ``--mteb-data TASK=PATH``). An STS path is a JSONL file (``sentence1, sentence2, score`` on the
@@ -67,11 +68,25 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
-def downloads_allowed() -> bool:
-    """The hub may be used only on the user's explicit ``CODIEMB_ALLOW_DOWNLOAD=1`` and never under
-    ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1`` (``codiemb.paths`` applies the same rule to models)."""
-    return (_truthy("CODIEMB_ALLOW_DOWNLOAD") and not _truthy("HF_HUB_OFFLINE")
-            and not _truthy("HF_DATASETS_OFFLINE"))
+def fetch_task_data(name: str) -> str:
+    """``codiemb data fetch-mteb TASK``: download ``name``'s data into the local Hugging Face datasets
+    cache (the only code path here that uses the network); returns its ``path@revision``. Refused
+    under ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``."""
+    mteb = _require_mteb()
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _truthy(var):
+            raise UserError(f"cannot fetch MTEB task {name!r}: {var}=1 forbids the hub")
+    try:
+        task = mteb.get_task(name)
+    except KeyError:
+        raise UserError(f"unknown MTEB task {name!r} (names as mteb.get_tasks() lists them)") from None
+    ds = task.metadata.dataset
+    try:
+        task.load_data()
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"MTEB task {name!r}: cannot get {ds.get('path')} from the Hugging Face hub: {msg}") from None
+    return f"{ds.get('path')}@{ds.get('revision')}"
 
 
 @contextlib.contextmanager
@@ -176,8 +191,8 @@ def fetch_hint(task) -> str:
     local = LOCAL_DATA.get(name)
     where = f"put its copy at <data folder>/{local} (see the data README), or " if local else ""
     return (f"MTEB task {name!r}: its data ({ds.get('path')}@{str(ds.get('revision'))[:12]}) is not in the local "
-            f"Hugging Face datasets cache; {where}fetch it once with CODIEMB_ALLOW_DOWNLOAD=1 (network; "
-            f"HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset), or map it to local files with --mteb-data {name}=PATH")
+            f"Hugging Face datasets cache; {where}fetch it once with `codiemb data fetch-mteb {name}` (network), "
+            f"or map it to local files with --mteb-data {name}=PATH")
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -294,7 +309,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, local_path: 
     """An mteb task with its data loaded, and where the data came from.
 
     Order: ``local_path`` when given (an explicit mapping wins); else the local Hugging Face
-    datasets cache (no hub access unless :func:`downloads_allowed`); else the task's copy under the
+    datasets cache (never the hub: :func:`fetch_task_data` fills the cache); else the task's copy under the
     data folder (:data:`LOCAL_DATA`). Returns ``(task, source)``; ``source`` is ``"hf-cache"`` or the
     local path. Raises a one-line ``UserError`` naming what to fetch.
     """
@@ -323,7 +338,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, local_path: 
 
         return from_local(Path(resolve_data_path(str(local_path), data_dir)))
     try:
-        with hub_offline(not downloads_allowed()):
+        with hub_offline():
             task.load_data()
         return task, "hf-cache"
     except Exception as exc:  # datasets/hub raise many kinds (ConnectionError, FileNotFoundError, ...)
@@ -352,7 +367,7 @@ def run_tasks(model: CodiembMtebEncoder, tasks: Sequence, batch_size: int = 64) 
     """Run loaded mteb task objects with ``mteb.evaluate`` (no result cache, no CO2 tracker, errors
     raised); returns mteb's ``TaskResult`` list in task order."""
     mteb = _require_mteb()
-    with hub_offline(not downloads_allowed()):
+    with hub_offline():
         result = mteb.evaluate(model, list(tasks), cache=None, co2_tracker=False, raise_error=True,
                                encode_kwargs={"batch_size": int(batch_size), "show_progress_bar": model.show_progress},
                                show_progress_bar=False, overwrite_strategy="always")
