@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="length bucketing window in batches for the shared batch plan (1: plain shuffle)")
     p.add_argument("--ours-adamw", choices=["fused", "foreach"], default="fused",
                    help="fused: the loop's optimizer (make_adamw); foreach: the non-fused AdamW, for comparison")
+    p.add_argument("--ours-varlen", choices=["batched", "reference"], default="batched",
+                   help="the unpadded path's CPU attention: length-grouped padded SDPA (default) or one SDPA per text")
     p.add_argument("--ours-attn", choices=["auto", "unpadded", "padded"], default="auto",
                    help="train.retrieval_forward of the loop's retrieval step: auto (what training does), "
                         "unpadded (tokenized once, queries and passages packed, no compute on padding) or "
@@ -404,6 +406,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     print("command: " + shlex.join(["python", "benchmarks/throughput.py", *argv]), flush=True)
     opts = parse_args(argv)
+    from codiemb.train import unpadded
+
+    unpadded.CPU_BACKEND = opts.ours_varlen
     res = run(opts)
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)

@@ -213,3 +213,15 @@ def test_batched_varlen_attention_equals_the_per_text_loop():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # a text of one token attends to itself only: its output is its own value vector
     torch.testing.assert_close(results["batched"][0][3], base[2][3])
+
+
+def test_length_groups_split_short_from_long_and_cover_every_text():
+    from codiemb.train.unpadded import length_groups
+
+    lengths = [20, 250, 18, 240, 22, 256, 19]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert {frozenset(g) for g in groups} == {frozenset({0, 2, 4, 6}), frozenset({1, 3, 5})}
+    for g in groups:  # the padding bound holds in every group
+        assert len(g) * max(lengths[i] for i in g) ** 2 <= 1.25 * sum(lengths[i] ** 2 for i in g)
+    assert length_groups([5, 5, 5]) == [[0, 1, 2]]

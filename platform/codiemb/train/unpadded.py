@@ -113,6 +113,9 @@ def available_backends() -> list[str]:
     return list(_available_backends())
 
 
+CPU_BACKEND = "batched"  # what "auto" runs off CUDA (benchmarks/throughput.py --ours-varlen sets it to compare)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
@@ -121,7 +124,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             if b not in ("batched", "reference"):
                 return b
         return "reference"
-    return "batched"
+    return CPU_BACKEND
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, *, backend: str,
@@ -147,26 +150,57 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, 
     raise ValueError(f"unknown varlen attention backend {backend!r}")
 
 
+def length_groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Texts grouped by length for padded attention: indices sorted by length, a group grows while
+    padding it to its longest text costs at most ``slack`` x the attention of its texts unpadded
+    (n * max_len^2 <= slack * sum L_i^2), so a batch of short queries and long passages is two
+    or a few groups, not one padded to the longest passage."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    cost = 0
+    for i in order:
+        L = lengths[i]
+        if groups and (len(groups[-1]) + 1) * L * L <= slack * (cost + L * L):
+            groups[-1].append(i)
+            cost += L * L
+        else:
+            groups.append([i])
+            cost = L * L
+    return groups
+
+
 def _batched_attention(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, dropout_p: float) -> Tensor:
-    """One SDPA call over a padded (B, H, max_len, d) view of packed (T, H, d) q/k/v.
+    """One SDPA call per group of similar-length texts (:func:`length_groups`) over a padded
+    (n, H, L_group, d) view of packed (T, H, d) q/k/v.
 
     Padded key slots are masked out, so each real query row sees exactly its own text's keys (the
     same softmax as the per-text loop); padded query rows are computed and dropped by the gather.
+    A group whose texts all have one length needs no mask.
     """
     T, H, d = q.shape
-    lengths = (cu[1:] - cu[:-1]).to(device=q.device, dtype=torch.int64)
-    B = lengths.numel()
-    seq = torch.repeat_interleave(torch.arange(B, device=q.device), lengths)
-    pos = torch.arange(T, device=q.device) - cu[:-1].to(device=q.device, dtype=torch.int64)[seq]
-    slot = seq * max_len + pos  # where each packed token sits in the (B * max_len) padded rows
+    dev = q.device
+    bounds = cu.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    outs, tokens = [], []
+    for group in length_groups(lengths):
+        lens = torch.tensor([lengths[i] for i in group], dtype=torch.int64)
+        starts = torch.tensor([bounds[i] for i in group], dtype=torch.int64)
+        n, L = len(group), int(lens.max())
+        first = torch.cumsum(lens, 0) - lens  # each text's first row among the group's tokens
+        pos = torch.arange(int(lens.sum())) - torch.repeat_interleave(first, lens)
+        tok = (torch.repeat_interleave(starts, lens) + pos).to(dev)  # rows in the packed tensors
+        slot = (torch.repeat_interleave(torch.arange(n), lens) * L + pos).to(dev)  # rows in the padded view
 
-    def padded(t: Tensor) -> Tensor:
-        return t.new_zeros(B * max_len, H, d).index_copy(0, slot, t).view(B, max_len, H, d).transpose(1, 2)
+        def padded(t: Tensor) -> Tensor:
+            return t.new_zeros(n * L, H, d).index_copy(0, slot, t.index_select(0, tok)).view(n, L, H, d).transpose(1, 2)
 
-    keep = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, max_len)
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keep[:, None, None, :],
-                                         dropout_p=dropout_p)
-    return out.transpose(1, 2).reshape(B * max_len, H, d).index_select(0, slot)
+        mask = None
+        if int(lens.min()) < L:
+            mask = (torch.arange(L).unsqueeze(0) < lens.unsqueeze(1)).to(dev)[:, None, None, :]
+        o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout_p)
+        outs.append(o.transpose(1, 2).reshape(n * L, H, d).index_select(0, slot))
+        tokens.append(tok)
+    return torch.cat(outs).index_select(0, torch.argsort(torch.cat(tokens)))
 
 
 def unsupported_reason(backbone: nn.Module) -> str | None:
