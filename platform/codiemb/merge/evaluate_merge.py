@@ -28,12 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -108,31 +106,35 @@ def _terms(text: str) -> list[str]:
 def bm25_topk(corpus: Mapping[str, str], queries: Mapping[str, str], k: int, k1: float = 1.2,
               b: float = 0.75) -> dict[str, list[str]]:
     """Okapi BM25 (Robertson et al.; idf = ln(1 + (N − df + 0.5)/(df + 0.5)), Lucene's form):
-    the top ``k`` document ids per query, ties by doc id. Plain Python; SciFact takes ~1 s."""
+    the top ``k`` document ids per query, ties by doc id; documents sharing no term are never returned.
+
+    Scoring is the ``bm25s`` library's (``method="lucene"``: a sparse term-document matrix, so the
+    index holds no Python object per posting); terms are lower-cased ``\w+`` runs, each query term
+    counted once. On SciFact's 300 test queries the top-10 lists equal the plain-Python postings
+    implementation this replaced, order included.
+    """
+    import bm25s
+    import numpy as np
+
     if k <= 0:
         return {q: [] for q in queries}
     doc_ids = list(corpus)
-    tfs = [Counter(_terms(corpus[d])) for d in doc_ids]
-    lengths = [sum(tf.values()) for tf in tfs]
-    avgdl = sum(lengths) / max(len(lengths), 1)
-    postings: dict[str, list[tuple[int, int]]] = {}
-    for i, tf in enumerate(tfs):
-        for t, c in tf.items():
-            postings.setdefault(t, []).append((i, c))
-    n = len(doc_ids)
+    index = bm25s.BM25(k1=k1, b=b, method="lucene")
+    index.index([_terms(corpus[d]) for d in doc_ids], show_progress=False)
+    vocab = index.vocab_dict
     out = {}
     for qid, text in queries.items():
-        scores: dict[int, float] = {}
-        for t in set(_terms(text)):
-            plist = postings.get(t)
-            if not plist:
-                continue
-            idf = math.log(1.0 + (n - len(plist) + 0.5) / (len(plist) + 0.5))
-            for i, c in plist:
-                norm = c + k1 * (1.0 - b + b * lengths[i] / avgdl)
-                scores[i] = scores.get(i, 0.0) + idf * c * (k1 + 1.0) / norm
-        best = sorted(scores.items(), key=lambda x: (-x[1], doc_ids[x[0]]))[:k]
-        out[qid] = [doc_ids[i] for i, _ in best]
+        terms = [t for t in set(_terms(text)) if t in vocab]
+        if not terms:
+            out[qid] = []
+            continue
+        scores = index.get_scores(terms)
+        cand = np.nonzero(scores > 0)[0]
+        if len(cand) > k:  # keep every candidate tied with the k-th score, then break ties by id
+            kth = np.partition(scores[cand], len(cand) - k)[len(cand) - k]
+            cand = cand[scores[cand] >= kth]
+        best = sorted(cand.tolist(), key=lambda i: (-float(scores[i]), doc_ids[i]))[:k]
+        out[qid] = [doc_ids[i] for i in best]
     return out
 
 
