@@ -10,10 +10,10 @@ as PatentSBERTa (Bekamiri et al. 2021) uses it. ``codiemb data augment`` writes 
 2. **Candidates.** Random pairs are nearly all dissimilar, so the paper samples by similarity;
    the samplers (any combination, ``samplers``):
    - ``bm25``: the anchor's top ``k`` lexical neighbours in the pool
-     (:func:`codiemb.merge.evaluate_merge.bm25_topk`: Okapi BM25, Lucene's idf, k1 1.2, b 0.75;
-     plain Python: its postings hold a few hundred bytes per pool text, and its time grows with
-     anchors × postings, so ``anchors`` bounds it: 2,000 anchors over 36,274 texts took 211 s here,
-     reading included, on a loaded 2-core machine),
+     (:func:`codiemb.merge.evaluate_merge.bm25_topk`: Okapi BM25, Lucene's idf, k1 1.2, b 0.75,
+     scored by the ``bm25s`` library over a sparse term-document matrix; each anchor costs one
+     scoring pass over the pool, so ``anchors`` bounds the time (with the earlier plain-Python
+     postings: 2,000 anchors over 36,274 texts took 211 s, reading included, on a loaded machine),
    - ``nn``: the anchor's top ``k`` neighbours by the current model's cosine (the pool embedded
      chunk by chunk into :class:`codiemb.evaluate.index.ExactIndex`, faiss or chunked torch top-k),
    - ``random``: ``k`` random partners (seeded), the paper's dissimilar share.
