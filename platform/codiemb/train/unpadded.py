@@ -10,9 +10,10 @@ result equals the padded forward token for token (``tests/unit/test_benchmarks_s
 Attention backends, first available wins (``backend="auto"``):
 ``flash_attn.flash_attn_varlen_func`` (the flash-attn package; CUDA, fp16/bf16; attention dropout
 supported), ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA; no attention dropout),
-``batched``: the packed q/k/v scattered into a zero-padded (B, H, max_len, d) view, ONE
-scaled_dot_product_attention call with a key-padding mask, and the valid rows gathered back (any
-device; the CPU default: the linear layers, LayerNorms and GELUs still run on T tokens only), and
+``batched``: the texts grouped by length (:func:`length_groups`), each group's packed q/k/v
+scattered into a zero-padded (n, H, L, d) view, one scaled_dot_product_attention call per group
+with a key-padding mask, and the valid rows gathered back (any device; the CPU default: the linear
+layers, LayerNorms and GELUs still run on T tokens only), and
 ``reference``: scaled_dot_product_attention per text (any device; for tests). ``batched`` exists
 because on CPU the per-text loop was 45 % of the forward (a py-spy profile, BENCHMARKS
 "Quickstart pipeline"): B small kernel calls and their backward instead of one.
