@@ -319,18 +319,31 @@ def _hub_snapshot(name: str) -> str:
                          f"Hugging Face cache; download it once with `codiemb model fetch {name}`") from None
 
 
+def hub_fetch(what: str, call, *, offline_vars=("HF_HUB_OFFLINE",), error=ModelError):
+    """Run ``call()``, an explicit user command's download from the Hugging Face hub (``codiemb
+    model fetch``, ``codiemb data fetch-mteb``: the only code paths that use the network).
+    Refused with ``error`` when any of ``offline_vars`` is set; any failure of ``call`` becomes
+    one line, ``"{what}: cannot get it from the Hugging Face hub: <first line of the reason>"``."""
+    for var in offline_vars:
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            raise error(f"cannot fetch {what}: {var}=1 forbids the hub")
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{what}: cannot get it from the Hugging Face hub: {msg}") from None
+
+
 def download_hub_model(name: str) -> str:
     """``codiemb model fetch HUB_ID``: download a hub model into the local Hugging Face cache (the
     only code path that downloads a model); returns its snapshot folder."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise ModelError(f"cannot fetch {name!r}: HF_HUB_OFFLINE=1 forbids the hub")
-    try:
+
+    def call():
         from huggingface_hub import snapshot_download
 
         return snapshot_download(name)
-    except Exception as exc:  # noqa: BLE001 - one line for the user
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model {name!r}: cannot get it from the Hugging Face hub: {msg}") from None
+
+    return hub_fetch(f"model {name!r}", call)
 
 
 # --------------------------------------------------------------------------- model folders on storage

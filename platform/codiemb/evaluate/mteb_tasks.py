@@ -64,28 +64,20 @@ def _require_mteb():
     return mteb
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-
-
 def fetch_task_data(name: str) -> str:
     """``codiemb data fetch-mteb TASK``: download ``name``'s data into the local Hugging Face datasets
     cache (the only code path here that uses the network); returns its ``path@revision``. Refused
     under ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``."""
+    from codiemb.paths import hub_fetch
+
     mteb = _require_mteb()
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if _truthy(var):
-            raise UserError(f"cannot fetch MTEB task {name!r}: {var}=1 forbids the hub")
     try:
         task = mteb.get_task(name)
     except KeyError:
         raise UserError(f"unknown MTEB task {name!r} (names as mteb.get_tasks() lists them)") from None
     ds = task.metadata.dataset
-    try:
-        task.load_data()
-    except Exception as exc:  # noqa: BLE001 - one line for the user
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"MTEB task {name!r}: cannot get {ds.get('path')} from the Hugging Face hub: {msg}") from None
+    hub_fetch(f"MTEB task {name!r}", task.load_data, offline_vars=("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"),
+              error=UserError)
     return f"{ds.get('path')}@{ds.get('revision')}"
 
 
