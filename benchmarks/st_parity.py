@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 
 def stsb(folder: str) -> None:
@@ -43,7 +44,6 @@ def stsb(folder: str) -> None:
 
 
 def scifact(folder: str, codiemb_json: str | None) -> None:
-    import torch
     from sentence_transformers import SentenceTransformer
 
     from codiemb.data.beir import load_beir
@@ -62,11 +62,11 @@ def scifact(folder: str, codiemb_json: str | None) -> None:
     for ids, texts in split.iter_corpus(1024):
         index.add(ids, st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_tensor=True))
         n_docs += len(ids)
-    run = dict(zip(query_ids, index.search(torch.as_tensor(q), 100)))
+    run = dict(zip(query_ids, index.search(q, 100)))
     theirs = retrieval_metrics(run, split.qrels, (10, 100))["ndcg@10"]
     st_seconds = time.perf_counter() - t0
     if codiemb_json:
-        ours_res = json.load(open(codiemb_json))["results"]["scifact"]
+        ours_res = json.loads(Path(codiemb_json).read_text())["results"]["scifact"]
         source = codiemb_json
     else:
         from codiemb.evaluate.suites import evaluate_model
