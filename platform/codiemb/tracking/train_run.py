@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from codiemb.config import Config
+from codiemb.tracking.run_folder_lock import run_folder_lock
 from codiemb.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,12 @@ def train_tracked(cfg: Config, *, local: bool, resume: bool = True, nested: bool
 
     refuse_token_prepending(cfg)  # before any shard build or Ray start
     root = output_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(root):  # a second training into the same folder is refused
+        return _train_tracked(cfg, root, local=local, resume=resume, nested=nested, log_model=log_model)
+
+
+def _train_tracked(cfg: Config, root: Path, *, local: bool, resume: bool, nested: bool,
+                   log_model: bool) -> tuple[TrainResult, str | None]:
     if local and not cfg.train.output:
         cfg = cfg.model_copy(deep=True)
         cfg.train.output = str(root)
