@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,26 @@ def test_length_groups_split_short_from_long_and_cover_every_text():
     for g in groups:  # the padding bound holds in every group
         assert len(g) * max(lengths[i] for i in g) ** 2 <= 1.25 * sum(lengths[i] ** 2 for i in g)
     assert length_groups([5, 5, 5]) == [[0, 1, 2]]
+
+
+def test_distill_gradient_scale_runs_on_tiny_models(load_benchmark, tiny_model_dir, shared_data, monkeypatch,
+                                                    tmp_path):
+    """benchmarks/distill_gradient_scale.py (how the distilled config's weights were set) on one batch
+    per task: with another tiny random teacher every form reports a finite loss and a gradient; with
+    the student as its own teacher the distillation forms have none (only the InfoNCE does)."""
+    from tests.conftest import build_tiny_bert
+
+    monkeypatch.setenv("CODIEMB_DATA", str(shared_data))
+    teacher = build_tiny_bert(tmp_path / "teacher", hidden=48, layers=1, heads=2, seed=7)
+    gs = load_benchmark("distill_gradient_scale")
+    common = ["--batches", "1", "--sts-batch", "4", "--ir-batch", "4"]
+    out = gs.main([str(tiny_model_dir), "--sts-teacher", str(teacher), "--ir-teacher", str(teacher)] + common)
+    for task, forms in (("sts", {"cosine_mse", "kl"}), ("retrieval", {"kl", "margin_mse", "infonce"})):
+        assert set(out[task]) == forms
+        assert all(v["loss"] >= 0 and v["grad_norm"] > 0 and np.isfinite(v["grad_norm"]) for v in out[task].values())
+    assert out["ratios"]["sts kl / cosine_mse"] == round(out["sts"]["kl"]["grad_norm"]
+                                                         / out["sts"]["cosine_mse"]["grad_norm"], 2)
+    same = gs.main([str(tiny_model_dir), "--sts-teacher", str(tiny_model_dir), "--ir-teacher", str(tiny_model_dir)]
+                   + common)
+    assert same["sts"]["cosine_mse"]["grad_norm"] < 1e-6 and same["retrieval"]["margin_mse"]["grad_norm"] < 1e-6
+    assert same["retrieval"]["infonce"]["grad_norm"] > 0
