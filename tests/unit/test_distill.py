@@ -193,7 +193,13 @@ def test_config_rejects_margin_mse_for_sts_and_an_empty_teacher_list():
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "codiemb-minilm-distill.yaml")
-    assert cfg.loss.distill.teachers[0].model == "mpnet" and cfg.loss.distill.form == {"retrieval": "kl", "sts": "cosine_mse"}
+    d = cfg.loss.distill
+    assert [(t.model, t.tasks) for t in d.teachers] == [("mpnet", ["sts"]), ("runs/ir-scifact-hn1-r95/model", ["scifact"])]
+    assert d.form == {"sts": "kl", "scifact": "margin_mse"} and d.weights == {"sts": 0.2, "scifact": 10.0}
+    from codiemb.train.distill import dataset_setting
+
+    assert dataset_setting(cfg, "scifact", "retrieval") == (10.0, "margin_mse")
+    assert dataset_setting(cfg, "snli", "retrieval")[0] == 0.0  # SNLI batches are not distilled
 
 
 def test_sigterm_during_teacher_scoring_stops_before_the_first_step(tmp_path, tiny_model_dir, teacher_dir,
